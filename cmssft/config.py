@@ -1,0 +1,353 @@
+"""The single source of truth for every setting.
+
+Configs are YAML files validated against the dataclasses below. A file may name
+one ``_base_`` (a path relative to itself) whose values it overrides; command
+lines add dotted overrides such as ``train.lr=3e-4``. Unknown keys and values of
+the wrong type are rejected with a one-line :class:`ConfigError` naming the key
+and, for typos, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cmssft.errors import ConfigError
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class SyntheticConfig:
+    """Built-in synthetic data, written at ``data.root`` when that folder is missing."""
+
+    enabled: bool = False
+    ids: int = 32
+    height: int = 128
+    width: int = 64
+    seed: int = 0
+    difficulty: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    name: str = "sysu_mm01"
+    root: str = "datasets/SYSU-MM01"
+    train_ids: Literal["train+val", "train"] = "train+val"  # SYSU-MM01: hold val out with "train"
+    trial: int = 1  # RegDB trial (1..10) whose split is used
+    manifest: str = ""  # custom dataset: CSV manifest path (relative paths resolve against root)
+    height: int = 288
+    width: int = 144
+    ids_per_batch: int = 8  # P identities per batch
+    images_per_id: int = 4  # K images per identity *per modality*
+    num_workers: int = 4
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    flip: float = 0.5
+    pad: int = 10
+    random_erasing: float = 0.5
+    channel_aug: float = 0.0  # probability of CAJ-style channel exchange / grayscale per RGB sample
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class SSTNConfig:
+    enabled: bool = True
+    topk: int = 6
+    normalize: Literal["softmax", "sum"] = "softmax"
+    temperature: float = 0.1
+    fusion: Literal["residual", "concat"] = "residual"
+    test_mode: Literal["transductive", "single_query", "off"] = "transductive"
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["resnet50", "resnet18"] = "resnet50"
+    pretrained: str = "imagenet"  # none | imagenet | /path/to/state_dict.pth
+    last_stride: int = 1
+    pooling: Literal["avg", "gem"] = "avg"
+    shared_from: Literal["layer1", "layer2", "layer3", "layer4"] = "layer2"  # first shared stage
+    specific_from: Literal["layer2", "layer3", "layer4"] = "layer3"  # first per-modality stage
+    use_specific: bool = True
+    sstn: SSTNConfig = field(default_factory=SSTNConfig)
+    modality_adaptation: bool = True
+    project_adversarial: bool = True
+    reconstruction: bool = True
+
+
+@dataclass
+class LossWeights:
+    id_shared: float = 1.0
+    id_specific: float = 1.0
+    triplet_shared: float = 1.0
+    triplet_specific: float = 1.0
+    id_fused: float = 1.0
+    triplet_fused: float = 1.0
+    modality: float = 0.1
+    project: float = 0.1
+    reconstruction: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.1
+    triplet_margin: float = 0.3
+    hard_negatives: int = 1  # k of the kNN-margin triplet; 1 is batch-hard
+    weights: LossWeights = field(default_factory=LossWeights)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    iters_per_epoch: int = 0  # 0: one pass over the RGB training images
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.1
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: int = 10
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: list[int] = field(default_factory=lambda: [20, 50])
+    gamma: float = 0.1
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    grad_clip: float = 0.0  # 0 disables clipping
+    eval_every: int = 10  # epochs; 0 evaluates only at the end
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = False
+    log_every: int = 20  # iterations between scalar logs
+
+
+@dataclass
+class EvalConfig:
+    protocol: Literal["auto", "sysu", "sysu-official", "regdb", "custom"] = "auto"
+    mode: Literal["all", "indoor"] = "all"
+    shots: int = 1
+    direction: Literal["v2t", "t2v"] = "v2t"
+    trials: int = 10
+    batch_size: int = 128
+    rerank: bool = False
+    flip: bool = True  # average features of the image and its mirror
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str = ""  # empty: <config name>-<time>
+
+
+# --------------------------------------------------------------------------- loading
+
+BASE_KEY = "_base_"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (with its ``_base_``), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_with_base(Path(path))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a nested dict against :class:`Config`."""
+    return _build(Config, raw, prefix="")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config, loadable again with :func:`load_config`."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``a.b=value``; the value is read as YAML (``[1, 2]``, ``true``, ``3``)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _read_with_base(path: Path) -> dict[str, Any]:
+    data = _read_yaml(path)
+    base_name = data.pop(BASE_KEY, None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str):
+        raise ConfigError(f"{path}: {BASE_KEY} must be a file path")
+    base_path = (path.parent / base_name).resolve()
+    base = _read_yaml(base_path)
+    if BASE_KEY in base:
+        raise ConfigError(f"{base_path}: only one level of {BASE_KEY} is supported")
+    return _merge(base, data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ConfigError(_unknown_key_message(cls, prefix, str(key)))
+    values = {}
+    for name in names:
+        if name in raw:
+            values[name] = _coerce(raw[name], hints[name], prefix + name)
+    return cls(**values)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], prefix + f.name + "."))
+    return keys
+
+
+def _unknown_key_message(cls: type, prefix: str, key: str) -> str:
+    full = prefix + key
+    candidates = _all_keys(Config)
+    match = difflib.get_close_matches(full, candidates, n=1, cutoff=0.6)
+    if not match:  # the leaf may be right but the section wrong, or the reverse
+        leaves = [k for k in candidates if k.rsplit(".", 1)[-1] == key]
+        match = leaves[:1] or difflib.get_close_matches(key, [f.name for f in dataclasses.fields(cls)], n=1)
+        if match and "." not in match[0]:
+            match = [prefix + match[0]]
+    hint = f" (did you mean '{match[0]}'?)" if match else ""
+    return f"unknown config key '{full}'{hint}"
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}{hint}")
+        return value
+    if origin in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1]
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and item_tp is not str:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], key)
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 3e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
