@@ -1,0 +1,44 @@
+"""Shared helpers for dataset loaders: checked file reading and tree checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cmssft.errors import DatasetError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def require_dir(path: Path, layout_hint: str) -> None:
+    """Fail with one line that says what was expected where."""
+    if not path.is_dir():
+        raise DatasetError(f"{path} is not a directory; expected {layout_hint}")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of ``folder`` in sorted file-name order (the order protocols rely on)."""
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def read_text_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DatasetError(f"missing file {path}")
+    try:
+        return path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path} is not a text file") from None
+
+
+def read_id_list(path: Path) -> list[int]:
+    """Read a SYSU-MM01 ``exp/*_id.txt``: one line of comma-separated integers."""
+    text = " ".join(read_text_lines(path)).strip()
+    ids = []
+    for i, token in enumerate(t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        if not token.isdigit():
+            raise DatasetError(f"{path}: entry {i + 1} ({token!r}) is not an integer id")
+        ids.append(int(token))
+    if not ids:
+        raise DatasetError(f"{path}: no identity ids found")
+    return ids
