@@ -1,0 +1,93 @@
+"""Torch datasets and data loaders over :class:`Sample` lists.
+
+A loaded item is a dict: ``image`` float [3, H, W], ``label``, ``pid``,
+``camid``, ``modality`` (ints) and ``index`` (position in the sample list);
+collated batches carry the same keys with a leading batch dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cmssft.config import Config
+from cmssft.data.records import Modality, Sample
+from cmssft.data.sampler import CrossModalityIdentitySampler, default_num_batches
+from cmssft.data.transforms import build_eval_transform, build_train_transform, read_image
+
+Transform = Callable[[np.ndarray, Modality], torch.Tensor]
+
+
+class ImageDataset(Dataset):
+    """Reads and transforms one sample at a time."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Transform) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        image = read_image(sample.path, sample.modality)
+        return {
+            "image": self.transform(image, sample.modality),
+            "label": sample.label,
+            "pid": sample.pid,
+            "camid": sample.camid,
+            "modality": int(sample.modality),
+            "index": index,
+        }
+
+
+def _loader_options(cfg: Config, device_is_cuda: bool) -> dict:
+    workers = cfg.data.num_workers
+    return {
+        "num_workers": workers,
+        "pin_memory": cfg.data.pin_memory and device_is_cuda,
+        "persistent_workers": cfg.data.persistent_workers and workers > 0,
+    }
+
+
+def build_train_loader(
+    cfg: Config,
+    samples: Sequence[Sample],
+    *,
+    device_is_cuda: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """P x K cross-modality batches; call ``loader.batch_sampler.set_epoch(e)`` each epoch."""
+    num_batches = cfg.train.iters_per_epoch or default_num_batches(
+        samples, cfg.data.ids_per_batch, cfg.data.images_per_id
+    )
+    sampler = CrossModalityIdentitySampler(
+        samples,
+        cfg.data.ids_per_batch,
+        cfg.data.images_per_id,
+        num_batches,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+    )
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(
+        ImageDataset(samples, build_train_transform(cfg.data)),
+        batch_sampler=sampler,
+        generator=generator,
+        **_loader_options(cfg, device_is_cuda),
+    )
+
+
+def build_test_loader(cfg: Config, samples: Sequence[Sample], *, device_is_cuda: bool = False) -> DataLoader:
+    """Samples in their given order, unaugmented."""
+    return DataLoader(
+        ImageDataset(samples, build_eval_transform(cfg.data)),
+        batch_size=cfg.eval.batch_size,
+        shuffle=False,
+        **_loader_options(cfg, device_is_cuda),
+    )

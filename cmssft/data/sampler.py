@@ -1,0 +1,91 @@
+"""Cross-modality identity sampler: P identities x (K RGB + K IR images) per batch.
+
+Batches are drawn from one global, seeded sequence per epoch, so ``world_size``
+processes can each take every ``world_size``-th batch and still see whole
+P x K groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from cmssft.data.records import Modality, Sample
+from cmssft.errors import DatasetError
+
+
+class CrossModalityIdentitySampler:
+    """Yields lists of dataset indices, RGB block first: ``[P*K RGB, P*K IR]``.
+
+    Identities are drawn without replacement within a batch; images of an
+    identity without replacement when it has at least K of that modality, with
+    replacement otherwise. Only identities with images in both modalities are
+    used.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        ids_per_batch: int,
+        images_per_id: int,
+        num_batches: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if ids_per_batch < 1 or images_per_id < 1 or num_batches < 1:
+            raise DatasetError("sampler needs ids_per_batch, images_per_id and num_batches >= 1")
+        self.rgb_by_label, self.ir_by_label = _index_by_label(samples)
+        self.labels = np.array(sorted(set(self.rgb_by_label) & set(self.ir_by_label)))
+        if len(self.labels) < ids_per_batch:
+            raise DatasetError(
+                f"only {len(self.labels)} identities have both RGB and IR training images; "
+                f"data.ids_per_batch={ids_per_batch} needs at least that many"
+            )
+        self.p, self.k = ids_per_batch, images_per_id
+        self.num_batches, self.seed = num_batches, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the draw from epoch to epoch, reproducibly."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_batches, self.world_size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        for b in range(self.num_batches):
+            batch = self._draw(rng)
+            if b % self.world_size == self.rank:
+                yield batch
+
+    def _draw(self, rng: np.random.Generator) -> list[int]:
+        chosen = rng.choice(self.labels, size=self.p, replace=False)
+        rgb = [i for label in chosen for i in _pick(rng, self.rgb_by_label[label], self.k)]
+        ir = [i for label in chosen for i in _pick(rng, self.ir_by_label[label], self.k)]
+        return rgb + ir
+
+
+def _index_by_label(samples: Sequence[Sample]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    rgb: dict[int, list[int]] = {}
+    ir: dict[int, list[int]] = {}
+    for index, sample in enumerate(samples):
+        if sample.label < 0:
+            raise DatasetError(f"training sample {sample.path} has no label")
+        target = rgb if sample.modality == Modality.RGB else ir
+        target.setdefault(sample.label, []).append(index)
+    return rgb, ir
+
+
+def _pick(rng: np.random.Generator, indices: list[int], k: int) -> list[int]:
+    return rng.choice(indices, size=k, replace=len(indices) < k).tolist()
+
+
+def default_num_batches(samples: Sequence[Sample], ids_per_batch: int, images_per_id: int) -> int:
+    """One epoch = one pass over the RGB training images, as the community counts it."""
+    rgb = sum(s.modality == Modality.RGB for s in samples)
+    return max(1, rgb // (ids_per_batch * images_per_id))

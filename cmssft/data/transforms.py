@@ -1,0 +1,123 @@
+"""Image loading and augmentation.
+
+Images are read with OpenCV, resized once, and augmented as tensors. IR images
+become 3-channel (gray replicated) so both modalities share one input format.
+Output of every transform: float Tensor [3, H, W], normalised with ImageNet
+statistics.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from torchvision.transforms import RandomErasing
+
+from cmssft.config import DataConfig
+from cmssft.data.records import Modality
+from cmssft.errors import DatasetError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def read_image(path: str, modality: Modality) -> np.ndarray:
+    """uint8 [H, W, 3] in RGB order; IR as gray replicated to 3 channels."""
+    flag = cv2.IMREAD_GRAYSCALE if modality == Modality.IR else cv2.IMREAD_COLOR
+    image = cv2.imread(path, flag)
+    if image is None:
+        raise DatasetError(f"cannot read image {path} (missing, empty or corrupt)")
+    if modality == Modality.IR:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    if image.shape[:2] == (height, width):
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+def normalize(tensor: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+def pad_and_crop(tensor: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad by ``pad`` pixels and crop back to the original size at a random offset."""
+    if pad <= 0:
+        return tensor
+    _, height, width = tensor.shape
+    padded = torch.nn.functional.pad(tensor, (pad, pad, pad, pad))
+    top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+    return padded[:, top : top + height, left : left + width]
+
+
+def channel_augment(tensor: torch.Tensor) -> torch.Tensor:
+    """Replace the image by one of its channels or its gray version (channel augmentation).
+
+    This makes colour an unreliable cue, pushing RGB features towards what IR can see.
+    """
+    choice = int(torch.randint(0, 4, (1,)))
+    if choice < 3:
+        return tensor[choice : choice + 1].expand(3, -1, -1).clone()
+    gray = 0.299 * tensor[0] + 0.587 * tensor[1] + 0.114 * tensor[2]
+    return gray.unsqueeze(0).expand(3, -1, -1).clone()
+
+
+class TrainTransform:
+    """Resize, pad + random crop, horizontal flip, channel augmentation (RGB), normalise, erase."""
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        *,
+        pad: int = 10,
+        flip: float = 0.5,
+        channel_aug: float = 0.0,
+        random_erasing: float = 0.5,
+    ) -> None:
+        self.height, self.width, self.pad, self.flip = height, width, pad, flip
+        self.channel_aug = channel_aug
+        self.erase = RandomErasing(p=random_erasing, value=0) if random_erasing > 0 else None
+
+    def __call__(self, image: np.ndarray, modality: Modality) -> torch.Tensor:
+        tensor = pad_and_crop(to_tensor(resize(image, self.height, self.width)), self.pad)
+        if self.flip > 0 and float(torch.rand(())) < self.flip:
+            tensor = tensor.flip(-1)
+        if modality == Modality.RGB and self.channel_aug > 0 and float(torch.rand(())) < self.channel_aug:
+            tensor = channel_augment(tensor)
+        tensor = normalize(tensor)
+        return self.erase(tensor) if self.erase is not None else tensor
+
+
+class EvalTransform:
+    """Resize and normalise; deterministic."""
+
+    def __init__(self, height: int, width: int) -> None:
+        self.height, self.width = height, width
+
+    def __call__(self, image: np.ndarray, modality: Modality) -> torch.Tensor:
+        return normalize(to_tensor(resize(image, self.height, self.width)))
+
+
+def build_train_transform(cfg: DataConfig) -> TrainTransform:
+    return TrainTransform(
+        cfg.height,
+        cfg.width,
+        pad=cfg.pad,
+        flip=cfg.flip,
+        channel_aug=cfg.channel_aug,
+        random_erasing=cfg.random_erasing,
+    )
+
+
+def build_eval_transform(cfg: DataConfig) -> EvalTransform:
+    return EvalTransform(cfg.height, cfg.width)
