@@ -1,7 +1,7 @@
 import pytest
 
 from cmssft.data.records import Modality, Sample
-from cmssft.data.sampler import CrossModalityIdentitySampler, default_num_batches
+from cmssft.data.sampler import CrossModalityIdentitySampler, KeyedBatchSampler, default_num_batches
 from cmssft.errors import DatasetError
 
 
@@ -70,3 +70,14 @@ def test_identities_missing_a_modality_are_skipped():
 
 def test_default_epoch_is_one_pass_over_rgb():
     assert default_num_batches(make_samples(num_ids=6, rgb=5), 2, 3) == 30 // 6
+
+
+def test_keyed_batches_match_plain_batches_and_fix_seeds():
+    samples = make_samples()
+    sampler = CrossModalityIdentitySampler(samples, 3, 2, num_batches=4, seed=2)
+    keyed = list(KeyedBatchSampler(sampler))
+    assert [[i for i, _ in batch] for batch in keyed] == list(sampler)
+    seeds = [s for batch in keyed for _, s in batch]
+    assert len(set(seeds)) == len(seeds)
+    shard = CrossModalityIdentitySampler(samples, 3, 2, num_batches=4, seed=2, rank=1, world_size=2)
+    assert list(shard.keyed_batches()) == keyed[1::2]

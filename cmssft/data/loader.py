@@ -2,7 +2,9 @@
 
 A loaded item is a dict: ``image`` float [3, H, W], ``label``, ``pid``,
 ``camid``, ``modality`` (ints) and ``index`` (position in the sample list);
-collated batches carry the same keys with a leading batch dimension.
+collated batches carry the same keys with a leading batch dimension. Training
+items are fetched by ``(index, seed)`` keys so that each augmentation is fixed
+by its seed (see :class:`KeyedBatchSampler`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from cmssft.config import Config
 from cmssft.data.records import Modality, Sample
-from cmssft.data.sampler import CrossModalityIdentitySampler, default_num_batches
+from cmssft.data.sampler import CrossModalityIdentitySampler, KeyedBatchSampler, default_num_batches
 from cmssft.data.transforms import build_eval_transform, build_train_transform, read_image
 
-Transform = Callable[[np.ndarray, Modality], torch.Tensor]
+Transform = Callable[[np.ndarray, Modality, torch.Generator | None], torch.Tensor]
 
 
 class ImageDataset(Dataset):
@@ -31,11 +33,13 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         sample = self.samples[index]
         image = read_image(sample.path, sample.modality)
         return {
-            "image": self.transform(image, sample.modality),
+            "image": self.transform(image, sample.modality, generator),
             "label": sample.label,
             "pid": sample.pid,
             "camid": sample.camid,
@@ -61,7 +65,7 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
 ) -> DataLoader:
-    """P x K cross-modality batches; call ``loader.batch_sampler.set_epoch(e)`` each epoch."""
+    """P x K cross-modality batches; call ``loader.batch_sampler.set_epoch(e)`` before each epoch."""
     num_batches = cfg.train.iters_per_epoch or default_num_batches(
         samples, cfg.data.ids_per_batch, cfg.data.images_per_id
     )
@@ -74,11 +78,9 @@ def build_train_loader(
         rank=rank,
         world_size=world_size,
     )
-    generator = torch.Generator().manual_seed(cfg.seed)
     return DataLoader(
         ImageDataset(samples, build_train_transform(cfg.data)),
-        batch_sampler=sampler,
-        generator=generator,
+        batch_sampler=KeyedBatchSampler(sampler),
         **_loader_options(cfg, device_is_cuda),
     )
 

@@ -15,6 +15,22 @@ from cmssft.data.records import Modality, Sample
 from cmssft.errors import DatasetError
 
 
+class KeyedBatchSampler:
+    """Adapter for ``DataLoader(batch_sampler=...)`` that hands out ``(index, seed)`` keys."""
+
+    def __init__(self, sampler: CrossModalityIdentitySampler) -> None:
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return self.sampler.keyed_batches()
+
+
 class CrossModalityIdentitySampler:
     """Yields lists of dataset indices, RGB block first: ``[P*K RGB, P*K IR]``.
 
@@ -57,11 +73,25 @@ class CrossModalityIdentitySampler:
         return len(range(self.rank, self.num_batches, self.world_size))
 
     def __iter__(self) -> Iterator[list[int]]:
+        for _, batch in self._own_batches():
+            yield batch
+
+    def keyed_batches(self) -> Iterator[list[tuple[int, int]]]:
+        """Like iteration, but each index comes with a seed for its augmentation.
+
+        The seed depends on (seed, epoch, global batch number, position) only, so
+        augmentations are the same whatever the worker count or resume point.
+        """
+        for b, batch in self._own_batches():
+            seeds = np.random.SeedSequence([self.seed, self.epoch, b]).generate_state(len(batch), np.uint64)
+            yield [(index, int(s) >> 1) for index, s in zip(batch, seeds, strict=True)]
+
+    def _own_batches(self) -> Iterator[tuple[int, list[int]]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         for b in range(self.num_batches):
             batch = self._draw(rng)
             if b % self.world_size == self.rank:
-                yield batch
+                yield b, batch
 
     def _draw(self, rng: np.random.Generator) -> list[int]:
         chosen = rng.choice(self.labels, size=self.p, replace=False)

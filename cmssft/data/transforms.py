@@ -8,10 +8,11 @@ statistics.
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 import torch
-from torchvision.transforms import RandomErasing
 
 from cmssft.config import DataConfig
 from cmssft.data.records import Modality
@@ -49,30 +50,60 @@ def normalize(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor - mean) / std
 
 
-def pad_and_crop(tensor: torch.Tensor, pad: int) -> torch.Tensor:
+def _uniform(generator: torch.Generator) -> float:
+    return float(torch.rand((), generator=generator))
+
+
+def pad_and_crop(tensor: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad by ``pad`` pixels and crop back to the original size at a random offset."""
     if pad <= 0:
         return tensor
     _, height, width = tensor.shape
     padded = torch.nn.functional.pad(tensor, (pad, pad, pad, pad))
-    top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+    top, left = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
     return padded[:, top : top + height, left : left + width]
 
 
-def channel_augment(tensor: torch.Tensor) -> torch.Tensor:
+def channel_augment(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Replace the image by one of its channels or its gray version (channel augmentation).
 
     This makes colour an unreliable cue, pushing RGB features towards what IR can see.
     """
-    choice = int(torch.randint(0, 4, (1,)))
+    choice = int(torch.randint(0, 4, (1,), generator=generator))
     if choice < 3:
         return tensor[choice : choice + 1].expand(3, -1, -1).clone()
     gray = 0.299 * tensor[0] + 0.587 * tensor[1] + 0.114 * tensor[2]
     return gray.unsqueeze(0).expand(3, -1, -1).clone()
 
 
+def random_erase(
+    tensor: torch.Tensor,
+    generator: torch.Generator,
+    area: tuple[float, float] = (0.02, 0.33),
+    ratio: tuple[float, float] = (0.3, 3.3),
+) -> torch.Tensor:
+    """Zero a random rectangle (random erasing), simulating occlusion."""
+    _, height, width = tensor.shape
+    for _ in range(10):
+        target = height * width * (area[0] + (area[1] - area[0]) * _uniform(generator))
+        log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _uniform(generator)
+        h = int(round(math.sqrt(target * math.exp(log_r))))
+        w = int(round(math.sqrt(target / math.exp(log_r))))
+        if 0 < h < height and 0 < w < width:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            tensor = tensor.clone()
+            tensor[:, top : top + h, left : left + w] = 0
+            return tensor
+    return tensor
+
+
 class TrainTransform:
-    """Resize, pad + random crop, horizontal flip, channel augmentation (RGB), normalise, erase."""
+    """Resize, pad + random crop, horizontal flip, channel augmentation (RGB), normalise, erase.
+
+    Every random choice comes from the ``generator`` passed in, so an image's
+    augmentation depends only on its draw seed, not on workers or history.
+    """
 
     def __init__(
         self,
@@ -85,17 +116,18 @@ class TrainTransform:
         random_erasing: float = 0.5,
     ) -> None:
         self.height, self.width, self.pad, self.flip = height, width, pad, flip
-        self.channel_aug = channel_aug
-        self.erase = RandomErasing(p=random_erasing, value=0) if random_erasing > 0 else None
+        self.channel_aug, self.random_erasing = channel_aug, random_erasing
 
-    def __call__(self, image: np.ndarray, modality: Modality) -> torch.Tensor:
-        tensor = pad_and_crop(to_tensor(resize(image, self.height, self.width)), self.pad)
-        if self.flip > 0 and float(torch.rand(())) < self.flip:
+    def __call__(self, image: np.ndarray, modality: Modality, generator: torch.Generator) -> torch.Tensor:
+        tensor = pad_and_crop(to_tensor(resize(image, self.height, self.width)), self.pad, generator)
+        if _uniform(generator) < self.flip:
             tensor = tensor.flip(-1)
-        if modality == Modality.RGB and self.channel_aug > 0 and float(torch.rand(())) < self.channel_aug:
-            tensor = channel_augment(tensor)
+        if modality == Modality.RGB and _uniform(generator) < self.channel_aug:
+            tensor = channel_augment(tensor, generator)
         tensor = normalize(tensor)
-        return self.erase(tensor) if self.erase is not None else tensor
+        if _uniform(generator) < self.random_erasing:
+            tensor = random_erase(tensor, generator)
+        return tensor
 
 
 class EvalTransform:
@@ -104,7 +136,9 @@ class EvalTransform:
     def __init__(self, height: int, width: int) -> None:
         self.height, self.width = height, width
 
-    def __call__(self, image: np.ndarray, modality: Modality) -> torch.Tensor:
+    def __call__(
+        self, image: np.ndarray, modality: Modality, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         return normalize(to_tensor(resize(image, self.height, self.width)))
 
 

@@ -1,0 +1,1 @@
+"""Training loop, checkpoints, run directories, logging and feature extraction."""
