@@ -1,0 +1,101 @@
+"""Feature extraction for evaluation: images -> a bank of named per-image features.
+
+A *bank* is ``dict[str, Tensor]`` whose tensors share their first dimension N
+(one row per sample, in the order of the sample list); it always holds
+``"modality"`` (long [N]). What else it holds is the model's business
+(``model.extract``); ``model.score(query_bank, gallery_bank, mode)`` turns two
+banks into a distance matrix [Q, G].
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cmssft.config import Config, config_from_dict
+from cmssft.data.loader import build_test_loader
+from cmssft.data.records import Sample
+from cmssft.engine.checkpoint import load_checkpoint, load_model_state
+from cmssft.utils.runtime import resolve_device
+
+LOG = logging.getLogger("cmssft")
+Bank = dict[str, torch.Tensor]
+ScoreFn = Callable[[Bank, Bank], torch.Tensor]
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    *,
+    flip: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> Bank:
+    """Run ``model.extract`` over a loader; ``flip`` averages each image with its mirror."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch in tqdm(loader, desc="extract", leave=False, disable=not progress, dynamic_ncols=True):
+        images = batch["image"].to(device, non_blocking=True)
+        modality = batch["modality"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            bank = model.extract(images, modality)
+            if flip:
+                mirrored = model.extract(images.flip(-1), modality)
+                bank = {k: (v + mirrored[k]) / 2 if v.is_floating_point() else v for k, v in bank.items()}
+        for key, value in bank.items():
+            parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point() else value.cpu())
+    model.train(was_training)
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def model_score_fn(model: nn.Module, mode: str, device: torch.device) -> ScoreFn:
+    """The model's test-time scoring (SSTN transductive / single-query / off) as a plain function."""
+
+    @torch.no_grad()
+    def score(query: Bank, gallery: Bank) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        q = {k: v.to(device) for k, v in query.items()}
+        g = {k: v.to(device) for k, v in gallery.items()}
+        dist = model.score(q, g, mode)
+        model.train(was_training)
+        return dist.float().cpu()
+
+    return score
+
+
+def model_from_checkpoint(state: dict, source: str) -> tuple[nn.Module, Config]:
+    """Rebuild the model a checkpoint was trained as, and load its weights."""
+    from cmssft.models import build_model
+
+    trained_cfg = config_from_dict(state["config"])
+    build_cfg = copy.deepcopy(trained_cfg)
+    build_cfg.model.pretrained = "none"  # the checkpoint brings every weight
+    model = build_model(build_cfg, state["num_classes"])
+    load_model_state(model, state["model"], source)
+    return model, trained_cfg
+
+
+def extract_bank(cfg: Config, checkpoint_path: str | Path, samples: Sequence[Sample]) -> tuple[Bank, ScoreFn]:
+    """Features of ``samples`` from a trained checkpoint, and its scoring function.
+
+    The architecture comes from the checkpoint; data settings and the test-time
+    SSTN mode come from ``cfg`` (so ``model.sstn.test_mode=...`` can be changed
+    at evaluation time).
+    """
+    state = load_checkpoint(checkpoint_path)
+    model, _ = model_from_checkpoint(state, str(checkpoint_path))
+    device = resolve_device(cfg.train.device)
+    model.to(device)
+    loader = build_test_loader(cfg, samples, device_is_cuda=device.type == "cuda")
+    bank = extract_features(model, loader, device, flip=cfg.eval.flip)
+    return bank, model_score_fn(model, cfg.model.sstn.test_mode, device)

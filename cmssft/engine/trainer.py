@@ -1,0 +1,224 @@
+"""The training loop.
+
+One optimizer trains everything (extractor, SSTN, heads); adversarial terms act
+through gradient reversal inside the model. The loop logs every loss term,
+learning rates, gradient norm and model statistics, evaluates periodically,
+and writes ``last.pth`` after every epoch and ``best.pth`` by the selection rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cmssft.config import Config, config_to_dict
+from cmssft.engine.checkpoint import BEST, LAST, save_atomic
+from cmssft.engine.metrics_log import MetricsLogger
+from cmssft.errors import UserError
+from cmssft.utils.runtime import rng_state, set_rng_state
+
+LOG = logging.getLogger("cmssft")
+
+# An evaluation: model -> {"rank1": .., "mAP": .., ...} (fractions), plus optional pictures.
+EvaluateFn = Callable[[nn.Module, int], dict[str, float]]
+MAX_BAD_STEPS = 10
+
+
+class TrainingDiverged(UserError):
+    """The loss stayed non-finite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the weights and optimizer."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken (or skipped) so far
+    best_value: float = -math.inf
+    best_epoch: int = -1
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs epochs; owns nothing it did not get from its builder."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train_loader: torch.utils.data.DataLoader,
+        device: torch.device,
+        run_dir: Path,
+        metrics: MetricsLogger | None,
+        evaluators: dict[str, EvaluateFn] | None = None,
+        select_on: str | None = None,
+        num_classes: int = 0,
+    ) -> None:
+        self.cfg, self.model, self.criterion = cfg, model, criterion
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.loader, self.device, self.run_dir = train_loader, device, run_dir
+        self.metrics = metrics
+        self.evaluators = evaluators or {}
+        self.select_on = select_on  # e.g. "val": best.pth by val mAP; None: best.pth = last epoch
+        self.num_classes = num_classes
+        self.state = TrainState()
+        amp = cfg.train.amp if device.type == "cuda" else "off"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self.bad_steps = 0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "train_state": vars(self.state).copy(),
+            "rng": rng_state(),
+            "config": config_to_dict(self.cfg),
+            "num_classes": self.num_classes,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState(**state["train_state"])
+        set_rng_state(state["rng"])
+
+    def save(self, name: str) -> Path:
+        path = self.run_dir / name
+        try:
+            save_atomic(self.checkpoint_state(), path)
+        except OSError as err:
+            LOG.error("could not write %s (%s); the previous file is left in place", path, err)
+            raise
+        return path
+
+    # ------------------------------------------------------------------ loop
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def fit(self) -> TrainState:
+        total = self.cfg.train.epochs * self.iters_per_epoch
+        bar = tqdm(total=total, initial=self.state.epoch * self.iters_per_epoch, desc="train", dynamic_ncols=True)
+        try:
+            while self.state.epoch < self.cfg.train.epochs:
+                self.train_epoch(bar)
+                self.state.epoch += 1
+                self.end_of_epoch()
+        finally:
+            bar.close()
+            if self.metrics is not None:
+                self.metrics.flush()
+        return self.state
+
+    def train_epoch(self, bar: tqdm) -> None:
+        self.model.train()
+        self.loader.batch_sampler.set_epoch(self.state.epoch)
+        for batch in self.loader:
+            terms, grad_norm = self.train_step(batch)
+            self.state.step += 1
+            bar.update(1)
+            if terms is not None:
+                bar.set_postfix(epoch=self.state.epoch + 1, loss=f"{terms['total']:.3f}", refresh=False)
+                if self.state.step % self.cfg.train.log_every == 0 or self.state.step == 1:
+                    self.log_step(terms, grad_norm)
+
+    def train_step(self, batch: dict) -> tuple[dict[str, float] | None, float]:
+        """One optimizer step; returns the loss terms, or None when the step was skipped."""
+        images = batch["image"].to(self.device, non_blocking=True)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        modality = batch["modality"].to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)):
+            out = self.model(images, modality, labels)
+            terms = self.criterion(out, labels, modality)
+        total = terms["total"]
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(total):
+            self.skip_step(terms)
+            self.scheduler.step()
+            return None, float("nan")
+        self.bad_steps = 0
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.latest_stats = {k: float(v) for k, v in out.get("stats", {}).items()}
+        return {k: float(v.detach()) for k, v in terms.items()}, grad_norm
+
+    def skip_step(self, terms: dict[str, torch.Tensor]) -> None:
+        self.bad_steps += 1
+        bad = ", ".join(k for k, v in terms.items() if not torch.isfinite(v))
+        LOG.warning("step %d: non-finite loss (%s); step skipped", self.state.step + 1, bad)
+        if self.metrics is not None:
+            self.metrics.scalars({"train/skipped_steps": self.bad_steps}, self.state.step + 1)
+        if self.bad_steps >= MAX_BAD_STEPS:
+            raise TrainingDiverged(
+                f"the loss was non-finite for {MAX_BAD_STEPS} steps in a row; stopped. "
+                f"The last good checkpoint is {self.run_dir / LAST} (try a lower train.lr or train.grad_clip)"
+            )
+
+    def log_step(self, terms: dict[str, float], grad_norm: float) -> None:
+        if self.metrics is None:
+            return
+        values = {f"loss/{k}": v for k, v in terms.items()}
+        values["train/grad_norm"] = grad_norm
+        for i, group in enumerate(self.optimizer.param_groups):
+            values[f"lr/{group.get('name', i)}"] = group["lr"]
+        values.update({f"model/{k}": v for k, v in getattr(self, "latest_stats", {}).items()})
+        self.metrics.scalars(values, self.state.step, epoch=self.state.epoch + 1)
+
+    # ------------------------------------------------------------------ evaluation and selection
+
+    def end_of_epoch(self) -> None:
+        epoch, every = self.state.epoch, self.cfg.train.eval_every
+        last = epoch == self.cfg.train.epochs
+        results: dict[str, dict[str, float]] = {}
+        if last or (every > 0 and epoch % every == 0):
+            results = self.evaluate()
+        self.state.history.append({"epoch": epoch, **{f"{s}/{k}": v for s, r in results.items() for k, v in r.items()}})
+        improved = self.select_on is None or (
+            self.select_on in results and results[self.select_on]["mAP"] > self.state.best_value
+        )
+        if improved:
+            self.state.best_epoch = epoch
+            if self.select_on is not None:
+                self.state.best_value = results[self.select_on]["mAP"]
+        path = self.save(LAST)
+        if improved:
+            shutil.copyfile(path, self.run_dir / f".{BEST}.tmp")
+            (self.run_dir / f".{BEST}.tmp").replace(self.run_dir / BEST)
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        results = {}
+        for split, evaluate_fn in self.evaluators.items():
+            results[split] = evaluate_fn(self.model, self.state.epoch)
+            if self.metrics is not None:
+                values = {f"{split}/{k}": v for k, v in results[split].items()}
+                self.metrics.scalars(values, self.state.step, epoch=self.state.epoch)
+            summary = "  ".join(f"{k} {v:.2%}" for k, v in results[split].items() if k in ("rank1", "mAP", "mINP"))
+            LOG.info("epoch %d %s: %s", self.state.epoch, split, summary)
+        self.model.train()
+        return results
