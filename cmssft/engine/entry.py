@@ -1,0 +1,80 @@
+"""Command-line entry of train.py (kept in the package so it can be tested and reused)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from cmssft.config import Config, load_config
+from cmssft.engine.checkpoint import LAST, load_checkpoint
+from cmssft.engine.run_dir import make_run_dir, setup_logging, write_run_config
+from cmssft.errors import UserError
+from cmssft.utils.runtime import resolve_device, seed_everything
+
+LOG = logging.getLogger("cmssft")
+
+
+def parse_train_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train cm-SSFT. Settings come from --config and key=value overrides (e.g. train.lr=3e-4).",
+    )
+    parser.add_argument("--config", help="YAML config (may name one _base_)")
+    parser.add_argument("--resume", action="store_true", help="continue from last.pth of the run directory")
+    parser.add_argument("--run-dir", help="run directory (default: <output_dir>/<config>-<time>)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser.parse_args(argv)
+
+
+def find_resume_dir(cfg: Config, config_path: str | None, run_dir: str | None) -> Path:
+    """The run to resume: the one named, else the newest run of this config holding last.pth."""
+    if run_dir:
+        path = Path(run_dir)
+    elif cfg.run_name:
+        path = Path(cfg.output_dir) / cfg.run_name
+    else:
+        stem = Path(config_path).stem if config_path else "default"
+        runs = sorted(Path(cfg.output_dir).glob(f"{stem}-*/{LAST}"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise UserError(f"--resume: no {stem}-*/{LAST} under {cfg.output_dir}; name the run with --run-dir")
+        path = runs[-1].parent
+    if not (path / LAST).is_file():
+        raise UserError(f"--resume: {path / LAST} does not exist")
+    return path
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
+    cfg = load_config(args.config, args.overrides)
+    if not args.resume:
+        if args.run_dir:
+            run_dir = Path(args.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = make_run_dir(cfg, args.config)
+        return cfg, run_dir
+    run_dir = find_resume_dir(cfg, args.config, args.run_dir)
+    # The run keeps the settings it started with; overrides may still change them (e.g. more epochs).
+    return load_config(run_dir / "config.yaml", args.overrides), run_dir
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    args = parse_train_args(argv)
+    cfg, run_dir = resolve_run(args)
+    setup_logging(run_dir)
+    write_run_config(cfg, run_dir)
+    LOG.info("run directory %s", run_dir)
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    device = resolve_device(cfg.train.device)
+
+    from cmssft.engine.build import build_trainer, prepare_dataset
+
+    dataset = prepare_dataset(cfg)
+    trainer = build_trainer(cfg, dataset, device, run_dir)
+    if args.resume:
+        trainer.restore(load_checkpoint(run_dir / LAST, map_location=device))
+        LOG.info("resumed from %s at epoch %d", run_dir / LAST, trainer.state.epoch)
+    trainer.fit()
+    LOG.info("finished; checkpoints in %s", run_dir)
+    return 0
