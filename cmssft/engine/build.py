@@ -37,9 +37,7 @@ def prepare_dataset(cfg: Config) -> CrossModalDataset:
             raise UserError(f"data.synthetic.enabled works with {', '.join(SYNTHETIC_LAYOUTS)}, not {cfg.data.name}")
         if ensure_synthetic(Path(cfg.data.root), layout, synthetic):
             LOG.info("generated synthetic %s data at %s", layout, cfg.data.root)
-    dataset = build_dataset(cfg.data)
-    LOG.info("%s", dataset.summary())
-    return dataset
+    return build_dataset(cfg.data)
 
 
 def build_trainer(cfg: Config, dataset: CrossModalDataset, device: torch.device, run_dir: Path) -> Trainer:

@@ -45,36 +45,47 @@ def find_resume_dir(cfg: Config, config_path: str | None, run_dir: str | None) -
     return path
 
 
-def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
+def resolve_run(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    """The config to train with and, when resuming, the run directory to continue."""
     cfg = load_config(args.config, args.overrides)
     if not args.resume:
-        if args.run_dir:
-            run_dir = Path(args.run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            run_dir = make_run_dir(cfg, args.config)
-        return cfg, run_dir
+        return cfg, None
     run_dir = find_resume_dir(cfg, args.config, args.run_dir)
     # The run keeps the settings it started with; overrides may still change them (e.g. more epochs).
     return load_config(run_dir / "config.yaml", args.overrides), run_dir
 
 
+def new_run_dir(cfg: Config, args: argparse.Namespace) -> Path:
+    if not args.run_dir:
+        return make_run_dir(cfg, args.config)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def train_main(argv: list[str] | None = None) -> int:
     args = parse_train_args(argv)
     cfg, run_dir = resolve_run(args)
-    setup_logging(run_dir)
-    write_run_config(cfg, run_dir)
-    LOG.info("run directory %s", run_dir)
-    seed_everything(cfg.seed, cfg.train.deterministic)
+    setup_logging(None)
     device = resolve_device(cfg.train.device)
 
     from cmssft.engine.build import build_trainer, prepare_dataset
+    from cmssft.engine.evaluate import chance_line
 
-    dataset = prepare_dataset(cfg)
+    dataset = prepare_dataset(cfg)  # bad data fails here, before a run directory exists
+    run_dir = run_dir or new_run_dir(cfg, args)
+    setup_logging(run_dir)
+    write_run_config(cfg, run_dir)
+    LOG.info("run directory %s", run_dir)
+    LOG.info("%s", dataset.summary())
+    seed_everything(cfg.seed, cfg.train.deterministic)
     trainer = build_trainer(cfg, dataset, device, run_dir)
     if args.resume:
         trainer.restore(load_checkpoint(run_dir / LAST, map_location=device))
         LOG.info("resumed from %s at epoch %d", run_dir / LAST, trainer.state.epoch)
     trainer.fit()
+    for evaluation in trainer.evaluators.values():
+        print(evaluation.table())
+        print(chance_line(evaluation.protocol))
     LOG.info("finished; checkpoints in %s", run_dir)
     return 0

@@ -1,0 +1,138 @@
+"""Evaluation during training: the dataset's protocol on the model's features.
+
+The test split is evaluated for reporting; when the dataset holds identities
+out for validation (SYSU-MM01 with ``data.train_ids=train``, or ``val_*`` rows of
+a manifest), the validation split is evaluated too and selects ``best.pth``.
+Model selection never looks at the test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmssft.config import Config
+from cmssft.data.loader import build_test_loader
+from cmssft.data.records import CrossModalDataset
+from cmssft.engine.inference import extract_features, model_score_fn
+from cmssft.engine.metrics_log import MetricsLogger
+from cmssft.engine.trainer import EvaluateFn
+from cmssft.evaluation import protocols as P
+from cmssft.evaluation.cli import resolve_protocol
+from cmssft.evaluation.evaluator import Evaluator
+from cmssft.evaluation.report import format_table, summarize
+from cmssft.evaluation.visualize import ranked_lists_image, save_png
+
+LOG = logging.getLogger("cmssft")
+PICTURE_QUERIES = 6
+
+
+def build_protocol(cfg: Config, dataset: CrossModalDataset, name: str) -> P.Protocol:
+    """The protocol ``name`` on ``dataset`` with the settings of ``cfg.eval``."""
+    e = cfg.eval
+    if name == "sysu":
+        return P.sysu_community(dataset, e.mode, e.trials)
+    if name == "sysu-official":
+        return P.sysu_official(dataset, None, e.mode, e.shots, e.trials)
+    if name == "regdb":
+        return P.regdb(dataset, cfg.data.trial, e.direction)
+    return P.custom(dataset)
+
+
+def validation_view(dataset: CrossModalDataset) -> CrossModalDataset | None:
+    """The held-out identities as a dataset whose test side is the validation split."""
+    if not dataset.val_query or not dataset.val_gallery:
+        return None
+    return dataclasses.replace(dataset, query=dataset.val_query, gallery=dataset.val_gallery)
+
+
+class ProtocolEvaluation:
+    """Extract once per call, score every trial with the model's own test-time scoring."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        protocol: P.Protocol,
+        split: str,
+        device: torch.device,
+        metrics: MetricsLogger | None = None,
+        run_dir: Path | None = None,
+    ) -> None:
+        self.cfg, self.protocol, self.split, self.device = cfg, protocol, split, device
+        self.metrics, self.run_dir = metrics, run_dir
+        self.loader = build_test_loader(cfg, protocol.candidates, device_is_cuda=device.type == "cuda")
+        self.last_summary: dict | None = None
+
+    def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        bank = extract_features(model, self.loader, self.device, flip=self.cfg.eval.flip)
+        score_fn = model_score_fn(model, self.cfg.model.sstn.test_mode, self.device)
+        evaluator = Evaluator(score_fn, rerank=self.cfg.eval.rerank)
+        results = evaluator.evaluate(self.protocol, bank)
+        self.last_summary = summarize(self.protocol.name, results, dict(self.protocol.settings, split=self.split))
+        self.picture(evaluator, bank, epoch)
+        return self.last_summary["mean"]
+
+    def picture(self, evaluator: Evaluator, bank: dict, epoch: int) -> None:
+        if self.metrics is None and self.run_dir is None:
+            return
+        trial = self.protocol.trials[0]
+        dist = evaluator.distances(self.protocol, trial, bank)
+        queries = self.protocol.query_samples(trial)
+        chosen = torch.linspace(0, len(queries) - 1, min(PICTURE_QUERIES, len(queries))).long().tolist()
+        image = ranked_lists_image(
+            dist,
+            queries,
+            self.protocol.gallery_samples(trial),
+            chosen,
+            exclusion=self.protocol.exclusion,
+            height=self.cfg.data.height,
+            width=self.cfg.data.width,
+        )
+        if self.metrics is not None:
+            self.metrics.image(f"{self.split}/ranked_lists", image, epoch)
+        if self.run_dir is not None:
+            save_png(image, self.run_dir / "ranked_lists" / f"{self.split}_epoch{epoch:03d}.png")
+
+    def table(self) -> str:
+        if self.last_summary is None:
+            return ""
+        return format_table(self.last_summary, title=f"{self.split}: {self.protocol.description}")
+
+
+def chance_level(protocol: P.Protocol, draws: int = 5, seed: int = 0) -> dict[str, float]:
+    """Mean metrics of random rankings under ``protocol``: the floor a model must clear."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def random_scores(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+        return torch.rand(len(query), len(gallery), generator=generator)
+
+    bank = torch.zeros(len(protocol.candidates), 1)
+    results = [r for _ in range(draws) for r in Evaluator(random_scores).evaluate(protocol, bank)]
+    return summarize(protocol.name, results)["mean"]
+
+
+def chance_line(protocol: P.Protocol) -> str:
+    chance = chance_level(protocol)
+    return f"chance level (random ranking): rank-1 {chance['rank1']:.2%}  mAP {chance['mAP']:.2%}"
+
+
+def build_evaluators(
+    cfg: Config, dataset: CrossModalDataset, device: torch.device, metrics: MetricsLogger | None, run_dir: Path
+) -> tuple[dict[str, EvaluateFn], str | None]:
+    """``{"val": ..., "test": ...}`` evaluations and the split that selects best.pth (None: last epoch)."""
+    name = resolve_protocol(cfg)
+    evaluators: dict[str, EvaluateFn] = {}
+    val = validation_view(dataset)
+    if val is not None:
+        evaluators["val"] = ProtocolEvaluation(cfg, build_protocol(cfg, val, name), "val", device, metrics, run_dir)
+    if dataset.query and dataset.gallery:
+        test = build_protocol(cfg, dataset, name)
+        evaluators["test"] = ProtocolEvaluation(cfg, test, "test", device, metrics, run_dir)
+    select_on = "val" if val is not None else None
+    if select_on is None:
+        LOG.info("no validation split: best.pth is the last epoch (the test split never selects models)")
+    return evaluators, select_on
