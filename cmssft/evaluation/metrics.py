@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,9 +39,11 @@ ExclusionName = Literal["none", "sysu", "same_camera"]
 # A rule maps (query pids (Q,1), query cams (Q,1), gallery pids (1,G), gallery cams (1,G)) to a
 # (Q, G) bool mask of gallery items to *remove*.
 ExclusionFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-Exclusion = Union[ExclusionName, ExclusionFn]
+Exclusion = ExclusionName | ExclusionFn
 
 MAX_RANK = 20
+Method = Literal["auto", "sort", "count"]
+COUNT_MAX_MATCHES = 16  # "auto" ranks by counting when no query has more true matches than this
 # Elements of one (chunk, G) working tensor; a handful of these live at once.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
@@ -117,10 +119,16 @@ def evaluate_ranking(
     dedup: bool = False,
     max_rank: int = MAX_RANK,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    method: Method = "auto",
 ) -> RankingMetrics:
     """CMC at ranks 1..``max_rank``, mAP and mINP of a (Q, G) distance matrix.
 
-    Raises ``ValueError`` when no query has a true match (nothing to average).
+    ``method`` picks how ranks are found; both give identical numbers. ``count`` ranks
+    only each query's true matches by comparing them with the whole row
+    (O(Q * M * G) for at most M true matches per query: fast for SYSU single-shot, where
+    M <= 4); ``sort`` sorts every row (O(Q * G log G): better when M is large);
+    ``auto`` takes ``count`` when M <= 16. Raises ``ValueError`` when no query has a
+    true match (nothing to average).
     """
     dist = torch.as_tensor(distmat)
     if dist.dim() != 2:
@@ -135,17 +143,28 @@ def evaluate_ranking(
                          f"g {tuple(gp.shape)}/{tuple(gc.shape)}")
     if num_g == 0:
         raise ValueError("the gallery is empty")
+    if not bool(torch.isfinite(dist).all()):
+        raise ValueError("distmat holds NaN or infinite values")
     rule = get_exclusion(exclusion)
     # Contiguous identity index for the dedup scatter: (G,) in 0..P-1.
     g_pid_index = torch.unique(gp, return_inverse=True)[1] if dedup else None
     num_pids = int(g_pid_index.max()) + 1 if dedup and num_g else 0
 
-    step = max(1, chunk_elements // max(num_g, 1))
+    if method not in ("auto", "sort", "count"):
+        raise ValueError(f"method must be auto, sort or count, got {method!r}")
+    max_matches = 1
+    if method != "sort":
+        max_matches = max(1, int(_max_matches(qp, gp)))
+    if method == "auto":
+        method = "count" if max_matches <= COUNT_MAX_MATCHES else "sort"
+    chunk_fn = _chunk_metrics_count if method == "count" else _chunk_metrics
+    width = num_g * (max_matches if method == "count" else 1)
+    step = max(1, chunk_elements // max(width, 1))
     first_ranks, aps, inps, valids = [], [], [], []
     for start in range(0, num_q, step):
         stop = min(start + step, num_q)
-        r, ap, inp, valid = _chunk_metrics(dist[start:stop], qp[start:stop], qc[start:stop], gp, gc,
-                                           rule, g_pid_index, num_pids)
+        r, ap, inp, valid = chunk_fn(dist[start:stop], qp[start:stop], qc[start:stop], gp, gc,
+                                     rule, g_pid_index, num_pids)
         first_ranks.append(r)
         aps.append(ap)
         inps.append(inp)
@@ -210,3 +229,67 @@ def _chunk_metrics(
     ap = precision.sum(1) / rel
     inp = num_rel.double() / kept_rank.gather(1, last_pos[:, None]).squeeze(1).clamp_min(1).double()
     return first_rank, ap, inp, valid
+
+
+def _count(mask: Tensor, dim: int) -> Tensor:
+    """Number of True along ``dim`` (int32); summing bytes avoids a bool -> int64 copy."""
+    return mask.view(torch.uint8).sum(dim, dtype=torch.int32)
+
+
+def _max_matches(qp: Tensor, gp: Tensor) -> int:
+    """The most gallery items any query's identity has (an upper bound on true matches)."""
+    pids, counts = torch.unique(gp, return_counts=True)
+    pos = torch.searchsorted(pids, qp).clamp_max(len(pids) - 1)
+    per_query = torch.where(pids[pos] == qp, counts[pos], 0)
+    return int(per_query.max()) if len(per_query) else 0
+
+
+def _chunk_metrics_count(
+    dist: Tensor,
+    qp: Tensor,
+    qc: Tensor,
+    gp: Tensor,
+    gc: Tensor,
+    rule: ExclusionFn,
+    g_pid_index: Tensor | None,
+    num_pids: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Same as :func:`_chunk_metrics`, ranking only the true matches by counting.
+
+    Item j precedes item p when ``(d_j, j) < (d_p, p)``: ascending distance, ties in
+    gallery order, exactly the stable sort's order.
+    """
+    num_c, num_g = dist.shape
+    device = dist.device
+    keep = ~rule(qp[:, None], qc[:, None], gp[None, :], gc[None, :]).expand(num_c, num_g)
+    match = (gp[None, :] == qp[:, None]) & keep  # (C, G), gallery order
+    num_rel = _count(match, 1).long()
+    valid = num_rel > 0
+    width = max(1, int(num_rel.max()) if num_c else 1)
+    # Gallery index of each query's k-th true match, (C, M); unused slots point at column 0.
+    slot = torch.where(match, match.cumsum(1) - 1, width)
+    match_idx = torch.zeros(num_c, width + 1, dtype=torch.long, device=device)
+    match_idx.scatter_(1, slot, torch.arange(num_g, device=device).expand(num_c, num_g))
+    match_idx = match_idx[:, :width]
+    used = torch.arange(width, device=device)[None, :] < num_rel[:, None]  # (C, M)
+    match_d = dist.gather(1, match_idx)
+    columns = torch.arange(num_g, device=device)
+    kept_d = dist.masked_fill(~keep, float("inf"))  # excluded items never precede (distances are finite)
+    d3, m3 = kept_d[:, None, :], match_d[:, :, None]
+    ahead_count = _count(d3 < m3, 2) + _count((d3 == m3) & (columns[None, None, :] < match_idx[:, :, None]), 2)
+    unsorted = torch.where(used, ahead_count.long() + 1, num_g + 1)  # (C, M)
+    rank = unsorted.sort(1).values  # 1-based ranks among kept items, ascending; unused slots last
+    hits = torch.arange(1, width + 1, device=device, dtype=torch.float64)[None, :]
+    rel = num_rel.double().clamp_min(1)
+    ap = torch.where(used, hits / rank.double(), 0.0).sum(1) / rel
+    last = rank.gather(1, (num_rel - 1).clamp_min(0)[:, None]).squeeze(1)
+    inp = num_rel.double() / last.double()
+    if g_pid_index is None:
+        return rank[:, 0], ap, inp, valid
+    # Deduplicated rank: 1 + identities with a kept item ahead of the best-ranked true match.
+    best = unsorted.argmin(1, keepdim=True)  # slot of the best-ranked true match
+    best_idx, best_d = match_idx.gather(1, best), match_d.gather(1, best)
+    ahead = (kept_d < best_d) | ((kept_d == best_d) & (columns[None, :] < best_idx))
+    seen = torch.zeros(num_c, num_pids, dtype=torch.long, device=device)
+    seen.scatter_reduce_(1, g_pid_index.expand(num_c, num_g), ahead.long(), reduce="amax")
+    return seen.sum(1) + 1, ap, inp, valid

@@ -1,0 +1,193 @@
+"""The logic behind ``eval.py``: config -> protocol(s) -> bank(s) -> metrics -> table / JSON."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cmssft.config import Config, load_config
+from cmssft.data.records import CrossModalDataset, Sample
+from cmssft.errors import UserError
+from cmssft.evaluation import protocols as P
+from cmssft.evaluation.evaluator import Bank, Evaluator, ScoreFn, TrialResult
+from cmssft.evaluation.features_io import TRIAL_PLACEHOLDER, bank_from_features, load_features, trial_path
+from cmssft.evaluation.report import format_table, summarize, write_json
+
+log = logging.getLogger("cmssft.eval")
+
+PROTOCOL_DATASET = {"sysu": "sysu_mm01", "sysu-official": "sysu_mm01", "regdb": "regdb", "custom": "custom"}
+AUTO_PROTOCOL = {"sysu_mm01": "sysu", "regdb": "regdb", "custom": "custom"}
+REGDB_TRIALS = 10
+
+BankSource = Callable[[CrossModalDataset, P.Protocol, int], tuple[Bank, "ScoreFn | None"]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval.py", description="Evaluate features or a checkpoint under a "
+                                "SYSU-MM01 / RegDB / custom protocol.")
+    p.add_argument("--config", required=True, help="YAML config (the run's config.yaml works)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="model checkpoint; '{trial}' in the name picks RegDB's per-trial model")
+    src.add_argument("--features", help="npz with 'paths' and 'features'; '{trial}' for RegDB per-trial files")
+    p.add_argument("--protocol", choices=["sysu", "sysu-official", "regdb", "custom"])
+    p.add_argument("--mode", choices=["all", "indoor"], help="SYSU-MM01 search mode")
+    p.add_argument("--shots", type=int, choices=[1, 10], help="SYSU-MM01 gallery images per id and camera")
+    p.add_argument("--direction", choices=["v2t", "t2v"], help="RegDB visible->thermal or thermal->visible")
+    p.add_argument("--trials", type=int, help="number of trials (SYSU 0..N-1, RegDB 1..N)")
+    p.add_argument("--trial", type=int, help="RegDB: evaluate this one trial only")
+    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    p.add_argument("--rand-perm", help="official protocol: rand_perm_cam.mat (default <root>/exp/)")
+    p.add_argument("--exclusion", choices=["same_camera", "none"], default="same_camera",
+                   help="custom protocol: drop same-identity same-camera gallery images (default) or not")
+    p.add_argument("--device", default=None, help="torch device for scoring and metrics (default cpu)")
+    p.add_argument("--json", help="write the per-trial and mean/std results here")
+    p.add_argument("--vis", help="folder for ranked-list PNGs of the first trial")
+    p.add_argument("--vis-queries", type=int, default=8, help="queries drawn with --vis")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=/data/SYSU-MM01")
+    return p
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """Command-line flags as ``eval.*`` overrides, applied after the positional ones."""
+    out = []
+    for key in ("protocol", "mode", "shots", "direction", "trials"):
+        value = getattr(args, key)
+        if value is not None:
+            out.append(f"eval.{key}={value}")
+    if args.rerank:
+        out.append("eval.rerank=true")
+    return out
+
+
+def resolve_protocol(cfg: Config) -> str:
+    """``eval.protocol`` with ``auto`` mapped from the dataset; a mismatch is a user error."""
+    name = cfg.eval.protocol
+    if name == "auto":
+        if cfg.data.name not in AUTO_PROTOCOL:
+            raise UserError(f"no default protocol for dataset {cfg.data.name!r}; pass --protocol")
+        return AUTO_PROTOCOL[cfg.data.name]
+    if PROTOCOL_DATASET[name] != cfg.data.name:
+        raise UserError(f"protocol {name} evaluates {PROTOCOL_DATASET[name]}, but data.name is "
+                        f"{cfg.data.name!r}")
+    return name
+
+
+@dataclass
+class Unit:
+    """One dataset load and the protocol built on it (RegDB: one per trial)."""
+
+    dataset: CrossModalDataset
+    protocol: P.Protocol
+    trial: int  # RegDB trial, else -1
+
+
+def build_units(cfg: Config, name: str, args: argparse.Namespace) -> list[Unit]:
+    from cmssft.data.datasets import load_dataset
+
+    e, d = cfg.eval, cfg.data
+    if e.trials < 1:
+        raise UserError(f"eval.trials must be >= 1, got {e.trials}")
+    if name == "regdb":
+        trials = [args.trial] if args.trial else list(range(1, min(e.trials, REGDB_TRIALS) + 1))
+        units = []
+        for t in trials:
+            dataset = load_dataset("regdb", d.root, trial=t)
+            units.append(Unit(dataset, P.regdb(dataset, t, e.direction), t))
+        return units
+    dataset = load_dataset(d.name, d.root, train_ids=d.train_ids, trial=d.trial, manifest=d.manifest)
+    if name == "sysu":
+        if e.shots != 1:
+            raise UserError("the community SYSU-MM01 protocol is single-shot; use --protocol sysu-official "
+                            "for multi-shot (--shots 10)")
+        protocol = P.sysu_community(dataset, e.mode, e.trials)
+    elif name == "sysu-official":
+        protocol = P.sysu_official(dataset, args.rand_perm, e.mode, e.shots, e.trials)
+    else:
+        protocol = P.custom(dataset, args.exclusion)
+    return [Unit(dataset, protocol, -1)]
+
+
+def features_source(template: str, data_name: str) -> BankSource:
+    cache: dict[Path, tuple[list[str], np.ndarray]] = {}
+
+    def source(dataset: CrossModalDataset, protocol: P.Protocol, trial: int) -> tuple[Bank, ScoreFn | None]:
+        path = trial_path(template, trial) if trial >= 0 else Path(template)
+        if trial < 0 and TRIAL_PLACEHOLDER in template:
+            raise UserError(f"--features {template}: the '{{trial}}' placeholder is for RegDB only")
+        if path not in cache:
+            cache.clear()
+            cache[path] = load_features(path)
+        paths, feats = cache[path]
+        bank = bank_from_features(protocol.candidates, dataset.root, paths, feats, dataset_name=data_name,
+                                  source=f"features file {path}", protocol=protocol.name)
+        return bank, None
+
+    return source
+
+
+def checkpoint_source(cfg: Config, template: str) -> BankSource:
+    def source(dataset: CrossModalDataset, protocol: P.Protocol, trial: int) -> tuple[Bank, ScoreFn | None]:
+        try:
+            from cmssft.engine.inference import extract_bank
+        except ModuleNotFoundError as err:
+            if err.name in ("cmssft.engine", "cmssft.engine.inference"):
+                raise UserError("evaluating a checkpoint needs cmssft.engine.inference, which this "
+                                "installation lacks; evaluate a --features file instead") from None
+            raise
+        path = trial_path(template, trial) if trial >= 0 else Path(template)
+        if not path.is_file():
+            raise UserError(f"checkpoint {path} does not exist")
+        samples: list[Sample] = protocol.candidates
+        return extract_bank(cfg, str(path), samples)
+
+    return source
+
+
+def run(cfg: Config, args: argparse.Namespace) -> dict:
+    """Evaluate every unit and return the summary :func:`summarize` builds."""
+    name = resolve_protocol(cfg)
+    units = build_units(cfg, name, args)
+    source = (features_source(args.features, cfg.data.name) if args.features
+              else checkpoint_source(cfg, args.checkpoint))
+    results: list[TrialResult] = []
+    for unit in units:
+        bank, score_fn = source(unit.dataset, unit.protocol, unit.trial)
+        evaluator = Evaluator(score_fn, rerank=cfg.eval.rerank, device=args.device)
+        results.extend(evaluator.evaluate(unit.protocol, bank))
+        if args.vis and unit is units[0]:
+            _save_pictures(evaluator, unit.protocol, bank, Path(args.vis), args.vis_queries)
+    settings = dict(units[0].protocol.settings, description=units[0].protocol.description,
+                    rerank=cfg.eval.rerank)
+    if name == "regdb":
+        settings["description"] = f"RegDB trials {', '.join(str(u.trial) for u in units)}, " \
+                                  f"{'visible->thermal' if cfg.eval.direction == 'v2t' else 'thermal->visible'}"
+    return summarize(name, results, settings)
+
+
+def _save_pictures(evaluator: Evaluator, protocol: P.Protocol, bank: Bank, folder: Path, count: int) -> None:
+    from cmssft.evaluation.visualize import ranked_lists_image, save_png
+
+    trial = protocol.trials[0]
+    dist = evaluator.distances(protocol, trial, bank)
+    queries, gallery = protocol.query_samples(trial), protocol.gallery_samples(trial)
+    chosen = np.linspace(0, len(queries) - 1, num=min(count, len(queries))).astype(int).tolist()
+    image = ranked_lists_image(dist, queries, gallery, chosen, exclusion=protocol.exclusion)
+    path = save_png(image, folder / f"{protocol.name}_trial{trial.index}.png")
+    log.info("ranked lists written to %s", path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_intermixed_args(argv)
+    cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
+    summary = run(cfg, args)
+    print(format_table(summary, title=f"{summary['protocol']}: {summary['settings'].get('description', '')}"))
+    if args.json:
+        write_json(summary, args.json)
+        print(f"results written to {args.json}")
+    return 0

@@ -1,0 +1,155 @@
+"""Run a :class:`~cmssft.evaluation.protocols.Protocol` over a feature bank.
+
+The evaluator knows nothing about models. It takes
+
+- a **bank**: features of every candidate of the protocol, row i for
+  ``protocol.candidates[i]``; either one (N, D) tensor or a dict of named tensors
+  whose first dimension is N (e.g. ``{"shared": (N, Ds), "specific": (N, Dp)}``), so a
+  model's test-time graph step can use several features;
+- an optional **score function** ``score_fn(query_bank, gallery_bank) -> (Q, G)``
+  distance tensor (smaller = more similar). It receives the bank sliced to the trial's
+  query rows and gallery rows (same type as the bank: tensor or dict), so a
+  transductive model can build its graph from exactly that trial's query and gallery.
+  With re-ranking on it is also called as ``score_fn(query, query)`` and
+  ``score_fn(gallery, gallery)``. Default: :func:`cosine_distance` on a plain tensor.
+
+Per trial it slices the bank, scores, optionally re-ranks and computes metrics; the
+bank itself is built once by the caller and reused by every trial.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cmssft.evaluation.metrics import MAX_RANK, RankingMetrics, evaluate_ranking
+from cmssft.evaluation.protocols import Protocol, Trial
+from cmssft.evaluation.rerank import k_reciprocal_rerank
+
+Bank = Tensor | Mapping[str, Tensor]
+ScoreFn = Callable[[Bank, Bank], Tensor]
+
+
+def cosine_distance(query: Bank, gallery: Bank) -> Tensor:
+    """1 - cosine similarity of (Q, D) and (G, D) feature rows -> (Q, G)."""
+    if not isinstance(query, Tensor) or not isinstance(gallery, Tensor):
+        raise TypeError("the default score function needs a plain (N, D) tensor bank; "
+                        "pass score_fn for a dict of named features")
+    q = F.normalize(query.float(), dim=1)
+    g = F.normalize(gallery.float(), dim=1)
+    return 1.0 - q @ g.T
+
+
+def bank_size(bank: Bank) -> int:
+    """Number of rows N of a bank; every named tensor must agree."""
+    if isinstance(bank, Tensor):
+        return bank.shape[0]
+    sizes = {name: t.shape[0] for name, t in bank.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"bank tensors disagree on the number of rows: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def slice_bank(bank: Bank, index: Tensor) -> Bank:
+    """Rows ``index`` of every tensor of the bank (same type as ``bank``)."""
+    if isinstance(bank, Tensor):
+        return bank.index_select(0, index.to(bank.device))
+    return {name: t.index_select(0, index.to(t.device)) for name, t in bank.items()}
+
+
+def move_bank(bank: Bank, device: torch.device | str) -> Bank:
+    if isinstance(bank, Tensor):
+        return bank.to(device)
+    return {name: t.to(device) for name, t in bank.items()}
+
+
+@dataclass
+class TrialResult:
+    """Metrics of one trial of one protocol."""
+
+    protocol: str
+    trial: int
+    metrics: RankingMetrics
+    num_query: int
+    num_gallery: int
+
+
+class Evaluator:
+    """Score and measure each trial of a protocol; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        score_fn: ScoreFn | None = None,
+        *,
+        rerank: bool = False,
+        k1: int = 20,
+        k2: int = 6,
+        lambda_value: float = 0.3,
+        max_rank: int = MAX_RANK,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.score_fn = score_fn or cosine_distance
+        self.rerank = rerank
+        self.rerank_params = {"k1": k1, "k2": k2, "lambda_value": lambda_value}
+        self.max_rank = max_rank
+        self.device = torch.device(device) if device is not None else None
+
+    def distances(self, protocol: Protocol, trial: Trial, bank: Bank) -> Tensor:
+        """(Q, G) distances of one trial (re-ranked when enabled)."""
+        q_idx = torch.as_tensor(trial.query_idx, dtype=torch.long)
+        g_idx = torch.as_tensor(trial.gallery_idx, dtype=torch.long)
+        q_bank, g_bank = slice_bank(bank, q_idx), slice_bank(bank, g_idx)
+        q_g = self.score_fn(q_bank, g_bank)
+        expected = (len(q_idx), len(g_idx))
+        if tuple(q_g.shape) != expected:
+            raise ValueError(f"score_fn returned shape {tuple(q_g.shape)}, expected (Q, G) = {expected}")
+        if self.rerank:
+            q_q = self.score_fn(q_bank, q_bank)
+            g_g = self.score_fn(g_bank, g_bank)
+            q_g = k_reciprocal_rerank(q_g, q_q, g_g, **self.rerank_params)
+        return q_g
+
+    def evaluate_trial(self, protocol: Protocol, trial: Trial, bank: Bank) -> TrialResult:
+        """Metrics of one trial; ``bank`` rows follow ``protocol.candidates``."""
+        return self._evaluate_trial(protocol, trial, bank, candidate_labels(protocol))
+
+    def evaluate(self, protocol: Protocol, bank: Bank) -> list[TrialResult]:
+        """Every trial of ``protocol`` against one bank computed once for its candidates."""
+        if bank_size(bank) != len(protocol.candidates):
+            raise ValueError(f"bank has {bank_size(bank)} rows, the protocol has "
+                             f"{len(protocol.candidates)} candidates")
+        if self.device is not None:
+            bank = move_bank(bank, self.device)
+        if self.score_fn is cosine_distance and isinstance(bank, Tensor):
+            bank = F.normalize(bank.float(), dim=1)  # once for all trials; cosine_distance re-normalises cheaply
+        labels = candidate_labels(protocol)
+        return [self._evaluate_trial(protocol, trial, bank, labels) for trial in protocol.trials]
+
+    @torch.no_grad()
+    def _evaluate_trial(
+        self, protocol: Protocol, trial: Trial, bank: Bank, labels: tuple[np.ndarray, np.ndarray]
+    ) -> TrialResult:
+        pids, cams = labels
+        dist = self.distances(protocol, trial, bank)
+        metrics = evaluate_ranking(
+            dist,
+            pids[trial.query_idx], pids[trial.gallery_idx],
+            cams[trial.query_idx], cams[trial.gallery_idx],
+            exclusion=protocol.exclusion,
+            dedup=protocol.dedup,
+            max_rank=self.max_rank,
+        )
+        return TrialResult(protocol.name, trial.index, metrics, len(trial.query_idx), len(trial.gallery_idx))
+
+
+def candidate_labels(protocol: Protocol) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) pid and camid arrays of the protocol's candidates."""
+    n = len(protocol.candidates)
+    pids = np.fromiter((s.pid for s in protocol.candidates), dtype=np.int64, count=n)
+    cams = np.fromiter((s.camid for s in protocol.candidates), dtype=np.int64, count=n)
+    return pids, cams

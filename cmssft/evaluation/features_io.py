@@ -1,0 +1,120 @@
+"""Feature files: evaluate features computed elsewhere (another framework, an old run).
+
+Format: a NumPy ``.npz`` with
+
+- ``paths``: (N,) strings, image paths relative to the dataset root with forward
+  slashes (``cam3/0006/0001.jpg``, ``Thermal/88/female_back_t_01102_88.bmp``);
+- ``features``: (N, D) float array, row i for ``paths[i]``.
+
+Rows may come in any order and may include images no protocol uses (train images);
+every candidate of the protocol must be present. For path-named datasets
+(SYSU-MM01, RegDB) identity, camera and modality are read from each used path with
+``parse_sample_path`` and must agree with the dataset's own record of that image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cmssft.data.records import Sample
+from cmssft.errors import UserError
+
+TRIAL_PLACEHOLDER = "{trial}"
+
+
+def save_features(path: str | Path, paths: Sequence[str], features: Tensor | np.ndarray) -> None:
+    """Write ``paths`` (N,) and ``features`` (N, D) in the format :func:`load_features` reads."""
+    feats = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
+    np.savez(path, paths=np.asarray([str(p) for p in paths], dtype=str), features=feats.astype(np.float32))
+
+
+def load_features(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Read a features file; every problem is a one-line :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"features file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("paths", "features") if k not in data.files]
+            if missing:
+                raise UserError(f"{path} lacks array(s) {', '.join(missing)}; expected 'paths' (N strings) "
+                                f"and 'features' (N x D floats), found {', '.join(data.files) or 'nothing'}")
+            paths, feats = data["paths"], data["features"]
+    except UserError:
+        raise
+    except ValueError as err:  # object arrays need pickle: we refuse to unpickle
+        raise UserError(f"{path}: cannot read without pickle ({err}); store 'paths' as a plain string array") \
+            from None
+    except Exception as err:  # zipfile / format errors for files that are not npz
+        raise UserError(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from None
+    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
+        raise UserError(f"{path}: 'features' must be an N x D float array, got {feats.dtype} {feats.shape}")
+    if paths.ndim != 1 or paths.dtype.kind not in "US" or len(paths) != len(feats):
+        raise UserError(f"{path}: 'paths' must be {len(feats)} strings (one per feature row), "
+                        f"got {paths.dtype} {paths.shape}")
+    return [p.decode() if isinstance(p, bytes) else str(p) for p in paths.tolist()], feats
+
+
+def trial_path(template: str | Path, trial: int) -> Path:
+    """``feats_{trial}.npz`` -> ``feats_3.npz``; a name without the placeholder is used as is."""
+    return Path(str(template).replace(TRIAL_PLACEHOLDER, str(trial)))
+
+
+def candidate_key(sample: Sample, root: Path) -> str:
+    """The key a candidate is looked up by: its path relative to ``root`` (posix), else as given."""
+    prefix = str(root).rstrip("/\\") + "/"
+    path = sample.path.replace("\\", "/")
+    if path.startswith(prefix.replace("\\", "/")):
+        return path[len(prefix):]
+    try:
+        return Path(sample.path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(sample.path).as_posix()
+
+
+def bank_from_features(
+    candidates: Sequence[Sample],
+    root: str | Path,
+    paths: Sequence[str],
+    features: np.ndarray,
+    *,
+    dataset_name: str,
+    source: str = "features file",
+    protocol: str = "",
+) -> Tensor:
+    """(N, D) float32 bank with row i for ``candidates[i]``, gathered from a features file."""
+    root = Path(root)
+    row_of = {_normalise(p): i for i, p in enumerate(paths)}
+    keys = [candidate_key(s, root) for s in candidates]
+    rows = [row_of.get(k, -1) for k in keys]
+    missing = [k for k, r in zip(keys, rows, strict=True) if r < 0]
+    if missing:
+        what = f"the {protocol} protocol's" if protocol else "the protocol's"
+        shown = ", ".join(missing[:3])
+        raise UserError(f"{source} lacks {len(missing)} of {what} {len(keys)} candidate images "
+                        f"(e.g. {shown}); it must hold every query and gallery candidate")
+    _check_labels(candidates, keys, root, dataset_name, source)
+    return torch.from_numpy(np.ascontiguousarray(features[np.asarray(rows)], dtype=np.float32))
+
+
+def _normalise(path: str) -> str:
+    path = path.replace("\\", "/")
+    return path[2:] if path.startswith("./") else path
+
+
+def _check_labels(candidates: Sequence[Sample], keys: Sequence[str], root: Path, name: str, source: str) -> None:
+    """Path-named datasets: the identity/camera a path encodes must be the candidate's."""
+    if name not in ("sysu_mm01", "regdb"):
+        return  # manifest datasets name their labels in the manifest, not in the path
+    from cmssft.data.datasets import parse_sample_path
+
+    for sample, key in zip(candidates, keys, strict=True):
+        parsed = parse_sample_path(name, root, key)
+        if (parsed.pid, parsed.camid, parsed.modality) != (sample.pid, sample.camid, sample.modality):
+            raise UserError(f"{source}: path {key} reads as identity {parsed.pid} camera {parsed.camid}, "
+                            f"the dataset has identity {sample.pid} camera {sample.camid}")

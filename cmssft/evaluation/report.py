@@ -1,0 +1,72 @@
+"""Per-trial results -> JSON-ready summary (mean and std over trials) and a console table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmssft.evaluation.evaluator import TrialResult
+
+SUMMARY_KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
+
+
+def _scalars(result: TrialResult) -> dict[str, float]:
+    m = result.metrics
+    return {"rank1": m.rank(1), "rank5": m.rank(5), "rank10": m.rank(10), "rank20": m.rank(20),
+            "mAP": m.mAP, "mINP": m.mINP}
+
+
+def summarize(protocol: str, results: Sequence[TrialResult], settings: dict[str, Any] | None = None) -> dict:
+    """``{"protocol", "settings", "trials": [...], "mean": {...}, "std": {...}}``; fractions in [0, 1].
+
+    ``std`` is the population standard deviation over trials (``numpy.std``, ddof 0).
+    """
+    if not results:
+        raise ValueError("no trial results to summarise")
+    trials = []
+    for r in results:
+        m = r.metrics
+        trials.append({
+            "trial": r.trial,
+            "cmc": [float(x) for x in m.cmc],
+            "mAP": m.mAP,
+            "mINP": m.mINP,
+            "num_query": r.num_query,
+            "num_gallery": r.num_gallery,
+            "num_valid_query": m.num_valid,
+        })
+    table = np.array([[_scalars(r)[k] for k in SUMMARY_KEYS] for r in results], dtype=np.float64)
+    return {
+        "protocol": protocol,
+        "settings": {k: v for k, v in (settings or {}).items() if not k.startswith("_")},
+        "trials": trials,
+        "mean": dict(zip(SUMMARY_KEYS, map(float, table.mean(0)), strict=True)),
+        "std": dict(zip(SUMMARY_KEYS, map(float, table.std(0)), strict=True)),
+    }
+
+
+def format_table(summary: dict, title: str = "") -> str:
+    """A readable per-trial table in percent with a mean +- std line."""
+    header = f"{'trial':>7} {'#query':>7} {'#gallery':>8}" + "".join(f"{k:>9}" for k in SUMMARY_KEYS)
+    lines = [title] if title else []
+    lines += [header, "-" * len(header)]
+    for t in summary["trials"]:
+        cmc = t["cmc"]
+        values = [cmc[0], cmc[4], cmc[9], cmc[19], t["mAP"], t["mINP"]]
+        lines.append(f"{t['trial']:>7} {t['num_query']:>7} {t['num_gallery']:>8}"
+                     + "".join(f"{100 * v:>9.2f}" for v in values))
+    lines.append("-" * len(header))
+    mean, std = summary["mean"], summary["std"]
+    lines.append(f"{'mean':>7} {'':>7} {'':>8}" + "".join(f"{100 * mean[k]:>9.2f}" for k in SUMMARY_KEYS))
+    lines.append(f"{'+- std':>7} {'':>7} {'':>8}" + "".join(f"{100 * std[k]:>9.2f}" for k in SUMMARY_KEYS))
+    return "\n".join(lines)
+
+
+def write_json(summary: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")

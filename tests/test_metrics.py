@@ -1,0 +1,135 @@
+"""Ranking metrics: hand-computed cases and the vectorised code against a per-query loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cmssft.evaluation.metrics import evaluate_ranking
+from cmssft.evaluation.oracle import loop_ranking
+
+
+def run(dist, q_pids, g_pids, q_cams=None, g_cams=None, **kw):
+    dist = torch.tensor(dist, dtype=torch.float64)
+    q_cams = q_cams if q_cams is not None else [1] * dist.shape[0]
+    g_cams = g_cams if g_cams is not None else [2] * dist.shape[1]
+    return evaluate_ranking(dist, q_pids, g_pids, q_cams, g_cams, **kw)
+
+
+def test_single_query_by_hand():
+    # ranked pids: 2, 1, 1, 3, 1 -> true matches at ranks 2, 3, 5
+    m = run([[0.1, 0.2, 0.3, 0.4, 0.5]], [1], [2, 1, 1, 3, 1])
+    assert m.cmc[0] == 0 and m.cmc[1] == 1 and m.cmc[19] == 1
+    assert m.mAP == pytest.approx((1 / 2 + 2 / 3 + 3 / 5) / 3)
+    assert m.mINP == pytest.approx(3 / 5)
+    assert m.num_valid == 1 and m.num_invalid == 0
+
+
+def test_ties_keep_gallery_order():
+    # all distances tie: the stable sort keeps gallery order 2, 1, 2, 1
+    m = run([[0.5, 0.5, 0.5, 0.5]], [1], [2, 1, 2, 1])
+    assert m.rank(1) == 0 and m.rank(2) == 1
+    assert m.mAP == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert m.mINP == pytest.approx(2 / 4)
+    again = run([[0.5, 0.5, 0.5, 0.5]], [1], [2, 1, 2, 1])
+    assert again.mAP == m.mAP  # deterministic
+
+
+def test_invalid_queries_are_skipped_and_counted():
+    m = run([[0.1, 0.2], [0.2, 0.1], [0.3, 0.3]], [1, 7, 2], [1, 2])
+    assert m.num_queries == 3 and m.num_valid == 2 and m.num_invalid == 1
+    assert m.rank(1) == pytest.approx(0.5)  # query 0 hits at rank 1, query 2 at rank 2
+    assert m.mAP == pytest.approx((1 + 0.5) / 2)
+
+
+def test_no_valid_query_raises():
+    with pytest.raises(ValueError, match="no query"):
+        run([[0.1, 0.2]], [9], [1, 2])
+
+
+def test_dedup_changes_rank_not_ap():
+    # ranked pids 2, 2, 3, 1: full-list rank 4, deduplicated list 2, 3, 1 -> rank 3
+    dist, g = [[0.1, 0.2, 0.3, 0.4]], [2, 2, 3, 1]
+    plain, dedup = run(dist, [1], g), run(dist, [1], g, dedup=True)
+    assert plain.rank(3) == 0 and plain.rank(4) == 1
+    assert dedup.rank(2) == 0 and dedup.rank(3) == 1
+    assert plain.mAP == dedup.mAP == pytest.approx(1 / 4)
+    assert plain.mINP == dedup.mINP == pytest.approx(1 / 4)
+
+
+def test_dedup_short_list_is_padded():
+    m = run([[0.1, 0.2, 0.3]], [1], [2, 1, 1], dedup=True)
+    assert m.cmc.shape == (20,)
+    assert list(m.cmc[:3]) == [0, 1, 1] and (m.cmc[3:] == 1).all()
+
+
+def test_inp_uses_hardest_match():
+    # matches at ranks 1 and 4: INP = 2 / 4
+    m = run([[0.1, 0.2, 0.3, 0.4]], [1], [1, 2, 3, 1])
+    assert m.mINP == pytest.approx(0.5)
+    assert m.mAP == pytest.approx((1 + 2 / 4) / 2)
+
+
+def test_sysu_rule_drops_camera2_for_camera3_queries():
+    g_pids, g_cams = [1, 2, 1], [2, 1, 4]
+    dist = [[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]
+    m = run(dist, [1, 1], g_pids, q_cams=[3, 6], g_cams=g_cams, exclusion="sysu", dedup=True)
+    # camera-3 query: camera-2 match removed -> list (2, 1): rank 2, AP 1/2; camera-6 query: rank 1
+    assert m.rank(1) == pytest.approx(0.5)
+    assert m.ap.tolist() == pytest.approx([0.5, (1 + 2 / 3) / 2])
+    # the rule ignores identity: a camera-3 query loses *every* camera-2 image
+    with pytest.raises(ValueError):
+        run([[0.1]], [1], [1], q_cams=[3], g_cams=[2], exclusion="sysu")
+
+
+def test_same_camera_rule():
+    # the same-identity same-camera image is removed; other identities in that camera stay
+    m = run([[0.1, 0.2, 0.3]], [1], [1, 2, 1], q_cams=[5], g_cams=[5, 5, 6], exclusion="same_camera")
+    assert m.rank(1) == 0 and m.rank(2) == 1
+    assert m.mAP == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("exclusion", ["none", "sysu", "same_camera"])
+@pytest.mark.parametrize("dedup", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("method", ["sort", "count"])
+def test_vectorised_matches_loop(exclusion, dedup, seed, method):
+    rng = np.random.default_rng(seed)
+    num_q, num_g = 150, 120
+    # integer distances create many ties; the stable order must agree too
+    dist = rng.integers(0, 30, size=(num_q, num_g)).astype(np.float32) if seed else rng.random((num_q, num_g))
+    q_pids, g_pids = rng.integers(0, 25, num_q), rng.integers(0, 25, num_g)
+    q_cams, g_cams = rng.choice([3, 6], num_q), rng.choice([1, 2, 4, 5, 3], num_g)
+    fast = evaluate_ranking(torch.from_numpy(dist), q_pids, g_pids, q_cams, g_cams, exclusion, dedup,
+                            chunk_elements=37 * num_g, method=method)  # several uneven chunks
+    slow = loop_ranking(dist, q_pids, g_pids, q_cams, g_cams, exclusion, dedup)
+    assert fast.num_valid == slow.num_valid
+    np.testing.assert_allclose(fast.cmc, slow.cmc, atol=1e-6)
+    np.testing.assert_allclose(fast.ap, slow.ap, atol=1e-6)
+    np.testing.assert_allclose(fast.inp, slow.inp, atol=1e-6)
+    assert fast.mAP == pytest.approx(slow.mAP, abs=1e-6)
+    assert fast.mINP == pytest.approx(slow.mINP, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["sort", "count"])
+def test_methods_agree_on_hand_case(method):
+    m = run([[0.5, 0.1, 0.5, 0.1, 0.3]], [1], [1, 2, 1, 3, 1], method=method, dedup=True)
+    # ranked (stable): g1(2) g3(3) g4(1) g0(1) g2(1) -> dedup list 2, 3, 1: rank 3
+    assert m.rank(2) == 0 and m.rank(3) == 1
+    assert m.mAP == pytest.approx((1 / 3 + 2 / 4 + 3 / 5) / 3)
+
+
+def test_non_finite_distances_rejected():
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        run([[float("nan"), 0.1]], [1], [1, 2])
+
+
+def test_custom_exclusion_callable_and_shape_errors():
+    never = lambda qp, qc, gp, gc: torch.zeros(qp.shape[0], gp.shape[1], dtype=torch.bool)  # noqa: E731
+    m = run([[0.2, 0.1]], [1], [1, 2], exclusion=never)
+    assert m.rank(2) == 1
+    with pytest.raises(ValueError, match="must match"):
+        run([[0.2, 0.1]], [1], [1, 2, 3])
+    with pytest.raises(ValueError, match="unknown exclusion"):
+        run([[0.2, 0.1]], [1], [1, 2], exclusion="market")
