@@ -101,3 +101,12 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("a.b=true") == ("a.b", True)
     assert parse_override("a=[1, 2]") == ("a", [1, 2])
     assert parse_override("a=") == ("a", "")
+
+
+def test_every_shipped_config_loads():
+    from tests.conftest import REPO_ROOT
+
+    paths = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
+    assert len(paths) >= 9
+    for path in paths:
+        load_config(path)

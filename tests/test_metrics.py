@@ -133,3 +133,61 @@ def test_custom_exclusion_callable_and_shape_errors():
         run([[0.2, 0.1]], [1], [1, 2, 3])
     with pytest.raises(ValueError, match="unknown exclusion"):
         run([[0.2, 0.1]], [1], [1, 2], exclusion="market")
+
+
+@pytest.mark.parametrize("exclusion", ["none", "sysu", "same_camera"])
+@pytest.mark.parametrize("dedup", [False, True])
+@pytest.mark.parametrize("method", ["sort", "count"])
+def test_many_matches_and_ties_match_loop(exclusion, dedup, method):
+    # few identities -> up to ~40 true matches per query; values from a tiny set (with -0.0 and 0.0)
+    # make ties everywhere, and a small chunk forces several chunks and tie batches
+    rng = np.random.default_rng(7)
+    num_q, num_g = 90, 200
+    values = np.array([-0.0, 0.0, 0.25, 0.5, 0.75, 1.0], dtype=np.float32)
+    dist = values[rng.integers(0, len(values), size=(num_q, num_g))]
+    dist[:5] = 0.5  # rows where every item ties
+    q_pids, g_pids = rng.integers(0, 6, num_q), rng.integers(0, 5, num_g)  # pid 5: never in the gallery
+    q_cams, g_cams = rng.choice([3, 6], num_q), rng.choice([1, 2, 3, 4, 5], num_g)
+    fast = evaluate_ranking(torch.from_numpy(dist), q_pids, g_pids, q_cams, g_cams, exclusion, dedup,
+                            chunk_elements=11 * num_g, method=method)
+    slow = loop_ranking(dist, q_pids, g_pids, q_cams, g_cams, exclusion, dedup)
+    assert fast.num_valid == slow.num_valid < num_q
+    np.testing.assert_allclose(fast.cmc, slow.cmc, atol=1e-6)
+    np.testing.assert_allclose(fast.ap, slow.ap, atol=1e-6)
+    np.testing.assert_allclose(fast.inp, slow.inp, atol=1e-6)
+
+
+@pytest.mark.parametrize("dedup", [False, True])
+def test_callable_rule_equals_named_rule(dedup):
+    # a callable goes through the general (masked) path, the named same-camera rule through the
+    # same-identity shortcut: both must agree
+    from cmssft.evaluation.metrics import exclude_same_camera
+
+    rng = np.random.default_rng(3)
+    dist = rng.integers(0, 8, size=(60, 80)).astype(np.float64)
+    q_pids, g_pids = rng.integers(0, 10, 60), rng.integers(0, 10, 80)
+    q_cams, g_cams = rng.integers(1, 4, 60), rng.integers(1, 4, 80)
+    args = (torch.from_numpy(dist), q_pids, g_pids, q_cams, g_cams)
+    named = evaluate_ranking(*args, "same_camera", dedup)
+    wrapped = evaluate_ranking(*args, lambda *a: exclude_same_camera(*a), dedup)
+    np.testing.assert_array_equal(named.cmc, wrapped.cmc)
+    np.testing.assert_allclose(named.ap, wrapped.ap, atol=1e-12)
+    np.testing.assert_allclose(named.inp, wrapped.inp, atol=1e-12)
+
+
+def test_non_float_distances_are_ranked_exactly():
+    dist = [[3, 1, 2, 1]]
+    for dtype in (torch.int64, torch.float16, torch.bfloat16):
+        m = evaluate_ranking(torch.tensor(dist, dtype=dtype), [1], [2, 1, 3, 1], [1], [2, 2, 2, 2], method="sort")
+        assert m.rank(1) == 1 and m.mAP == pytest.approx((1 + 2 / 2) / 2)  # ranked g1 (1), g3 (1), g2, g0
+
+
+def test_row_bisection_matches_numpy_searchsorted():
+    from cmssft.evaluation.metrics import _bisect_left_rows
+
+    rng = np.random.default_rng(0)
+    for num_g in (1, 2, 3, 8, 9, 100, 1025):
+        ordered = np.sort(rng.integers(0, 10, (7, num_g)).astype(np.float32), axis=1)
+        values = rng.integers(-1, 12, (7, 5)).astype(np.float32)
+        expected = np.stack([np.searchsorted(row, v) for row, v in zip(ordered, values, strict=True)])
+        np.testing.assert_array_equal(_bisect_left_rows(ordered, values), expected)

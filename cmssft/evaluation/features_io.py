@@ -14,6 +14,8 @@ every candidate of the protocol must be present. For path-named datasets
 
 from __future__ import annotations
 
+import struct
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,7 +46,10 @@ def load_features(path: str | Path) -> tuple[list[str], np.ndarray]:
             if missing:
                 raise UserError(f"{path} lacks array(s) {', '.join(missing)}; expected 'paths' (N strings) "
                                 f"and 'features' (N x D floats), found {', '.join(data.files) or 'nothing'}")
-            paths, feats = data["paths"], data["features"]
+            paths = data["paths"]
+            feats = _mapped_member(path, data.zip, "features.npy")
+            if feats is None:
+                feats = data["features"]
     except UserError:
         raise
     except ValueError as err:  # object arrays need pickle: we refuse to unpickle
@@ -58,6 +63,44 @@ def load_features(path: str | Path) -> tuple[list[str], np.ndarray]:
         raise UserError(f"{path}: 'paths' must be {len(feats)} strings (one per feature row), "
                         f"got {paths.dtype} {paths.shape}")
     return [p.decode() if isinstance(p, bytes) else str(p) for p in paths.tolist()], feats
+
+
+def _mapped_member(path: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray | None:
+    """A stored (uncompressed) ``.npy`` member of an npz as a copy-on-write memory map, else None.
+
+    ``np.load`` reads a member through ``zipfile`` into a fresh array; mapping the file instead
+    skips that copy (the bank gathers its rows from the map). Compressed or unusual members,
+    and object arrays, return None and go through ``np.load``.
+    """
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        return None
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        f.seek(start)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return None
+        except ValueError:
+            return None
+        offset = f.tell()
+    count = int(np.prod(shape))
+    if dtype.hasobject or count == 0 or offset + dtype.itemsize * count > start + info.file_size:
+        return None
+    return np.memmap(path, dtype=dtype, mode="c", shape=shape, order="F" if fortran else "C", offset=offset)
 
 
 def trial_path(template: str | Path, trial: int) -> Path:
@@ -99,7 +142,12 @@ def bank_from_features(
         raise UserError(f"{source} lacks {len(missing)} of {what} {len(keys)} candidate images "
                         f"(e.g. {shown}); it must hold every query and gallery candidate")
     _check_labels(candidates, keys, root, dataset_name, source)
-    return torch.from_numpy(np.ascontiguousarray(features[np.asarray(rows)], dtype=np.float32))
+    index = np.asarray(rows, dtype=np.intp)
+    if len(index) == len(features) and np.array_equal(index, np.arange(len(index))):
+        bank = features  # already in candidate order: no gather
+    else:
+        bank = features[index]
+    return torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
 
 
 def _normalise(path: str) -> str:
@@ -111,10 +159,12 @@ def _check_labels(candidates: Sequence[Sample], keys: Sequence[str], root: Path,
     """Path-named datasets: the identity/camera a path encodes must be the candidate's."""
     if name not in ("sysu_mm01", "regdb"):
         return  # manifest datasets name their labels in the manifest, not in the path
-    from cmssft.data.datasets import parse_sample_path
+    from cmssft.data.datasets import regdb, sysu_mm01
 
+    # the same parsers parse_sample_path uses, without building a Sample and a Path per image
+    parse = sysu_mm01.parse_path if name == "sysu_mm01" else regdb.parse_path
     for sample, key in zip(candidates, keys, strict=True):
-        parsed = parse_sample_path(name, root, key)
-        if (parsed.pid, parsed.camid, parsed.modality) != (sample.pid, sample.camid, sample.modality):
-            raise UserError(f"{source}: path {key} reads as identity {parsed.pid} camera {parsed.camid}, "
+        pid, camid, modality = parse(key)
+        if (pid, camid, modality) != (sample.pid, sample.camid, sample.modality):
+            raise UserError(f"{source}: path {key} reads as identity {pid} camera {camid}, "
                             f"the dataset has identity {sample.pid} camera {sample.camid}")

@@ -5,9 +5,16 @@ Shapes at this boundary:
 - ``distmat``: (Q, G) float tensor, smaller is more similar;
 - ``q_pids``/``q_camids``: (Q,) integers; ``g_pids``/``g_camids``: (G,) integers.
 
-Everything runs in torch on the distance matrix's device, chunked over queries so
-that peak memory is a few (chunk, G) tensors, never (Q, G, anything). There is no
-Python loop over queries.
+Everything runs in torch on the distance matrix's device (on CPU the row sort is
+NumPy's, which is several times faster than ``torch.sort`` there), chunked over
+queries so that peak memory is a few (chunk, G) tensors, never (Q, G, anything).
+There is no Python loop over queries.
+
+Only the true matches are ranked. The gallery columns of each identity are known
+up front, so each query's true matches are M slots of (C, M) tensors; the rank of a
+match is 1 + the number of kept items ahead of it in the order (distance, gallery
+index), found either by a binary search in the sorted row (``sort``) or by comparing
+it with the whole row (``count``).
 
 Conventions (identical to the community reference code, see docs/EVALUATION.md):
 
@@ -28,6 +35,7 @@ Conventions (identical to the community reference code, see docs/EVALUATION.md):
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,7 +51,7 @@ Exclusion = ExclusionName | ExclusionFn
 
 MAX_RANK = 20
 Method = Literal["auto", "sort", "count"]
-COUNT_MAX_MATCHES = 16  # "auto" ranks by counting when no query has more true matches than this
+COUNT_MAX_MATCHES = 2  # "auto" ranks by counting when no query has more true matches than this
 # Elements of one (chunk, G) working tensor; a handful of these live at once.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
@@ -123,12 +131,12 @@ def evaluate_ranking(
 ) -> RankingMetrics:
     """CMC at ranks 1..``max_rank``, mAP and mINP of a (Q, G) distance matrix.
 
-    ``method`` picks how ranks are found; both give identical numbers. ``count`` ranks
-    only each query's true matches by comparing them with the whole row
-    (O(Q * M * G) for at most M true matches per query: fast for SYSU single-shot, where
-    M <= 4); ``sort`` sorts every row (O(Q * G log G): better when M is large);
-    ``auto`` takes ``count`` when M <= 16. Raises ``ValueError`` when no query has a
-    true match (nothing to average).
+    ``method`` picks how the true matches are ranked; all give identical numbers.
+    ``sort`` sorts each row's (kept) distances and places every true match by binary
+    search (O(G log G) per query, NumPy's sort on CPU); ``count`` compares each true match
+    with the whole row (O(M * G) per query for at most M true matches); ``auto`` takes
+    ``count`` when M <= 2, else ``sort``. Raises ``ValueError`` when no query has a true
+    match (nothing to average).
     """
     dist = torch.as_tensor(distmat)
     if dist.dim() != 2:
@@ -143,41 +151,35 @@ def evaluate_ranking(
                          f"g {tuple(gp.shape)}/{tuple(gc.shape)}")
     if num_g == 0:
         raise ValueError("the gallery is empty")
-    if not bool(torch.isfinite(dist).all()):
-        raise ValueError("distmat holds NaN or infinite values")
-    rule = get_exclusion(exclusion)
-    # Contiguous identity index for the dedup scatter: (G,) in 0..P-1.
-    g_pid_index = torch.unique(gp, return_inverse=True)[1] if dedup else None
-    num_pids = int(g_pid_index.max()) + 1 if dedup and num_g else 0
-
     if method not in ("auto", "sort", "count"):
         raise ValueError(f"method must be auto, sort or count, got {method!r}")
-    max_matches = 1
-    if method != "sort":
-        max_matches = max(1, int(_max_matches(qp, gp)))
+    if dist.dtype not in (torch.float32, torch.float64):
+        dist = dist.double()  # exact for half, bfloat16 and integers below 2**53
+    if num_q == 0:
+        raise ValueError("no query has a true match in the gallery after exclusions")
+    if not _all_finite(dist):
+        raise ValueError("distmat holds NaN or infinite values")
+    rule = get_exclusion(exclusion)
+    ids = _Identities(qp, gp)
+    width = ids.max_matches
     if method == "auto":
-        method = "count" if max_matches <= COUNT_MAX_MATCHES else "sort"
-    chunk_fn = _chunk_metrics_count if method == "count" else _chunk_metrics
-    width = num_g * (max_matches if method == "count" else 1)
-    step = max(1, chunk_elements // max(width, 1))
-    first_ranks, aps, inps, valids = [], [], [], []
+        method = "count" if width <= COUNT_MAX_MATCHES else "sort"
+    step = max(1, chunk_elements // (num_g * (width if method == "count" else 1)))
+    outputs, sorter = [], _RowSorter()
     for start in range(0, num_q, step):
-        stop = min(start + step, num_q)
-        r, ap, inp, valid = chunk_fn(dist[start:stop], qp[start:stop], qc[start:stop], gp, gc,
-                                     rule, g_pid_index, num_pids)
-        first_ranks.append(r)
-        aps.append(ap)
-        inps.append(inp)
-        valids.append(valid)
-    first_rank = torch.cat(first_ranks) if first_ranks else torch.zeros(0, dtype=torch.long)
-    valid = torch.cat(valids) if valids else torch.zeros(0, dtype=torch.bool)
+        rows = slice(start, min(start + step, num_q))
+        idx, present = ids.slots(rows)
+        outputs.append(_chunk_metrics(dist[rows], qp[rows], qc[rows], gp, gc, rule, idx, present, method,
+                                      ids.g_index if dedup else None, ids.q_index[rows], ids.num_pids,
+                                      chunk_elements, sorter))
+    first_rank, ap, inp, valid = (torch.cat(parts) for parts in zip(*outputs, strict=True))
     num_valid = int(valid.sum())
     if num_valid == 0:
         raise ValueError("no query has a true match in the gallery after exclusions")
     ranks = torch.arange(1, max_rank + 1, device=device)
     cmc = (first_rank[valid, None] <= ranks[None, :]).double().mean(0)
-    ap_valid = torch.cat(aps)[valid].cpu().numpy()
-    inp_valid = torch.cat(inps)[valid].cpu().numpy()
+    ap_valid = ap[valid].cpu().numpy()
+    inp_valid = inp[valid].cpu().numpy()
     return RankingMetrics(
         cmc=cmc.cpu().numpy(),
         mAP=float(ap_valid.mean()),
@@ -189,6 +191,41 @@ def evaluate_ranking(
     )
 
 
+def _all_finite(dist: Tensor) -> bool:
+    """``torch.isfinite(dist).all()`` without a (Q, G) temporary: min and max propagate NaN."""
+    low, high = torch.aminmax(dist)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+class _Identities:
+    """Gallery columns grouped by identity, so each query's true matches can be listed directly.
+
+    ``g_order`` holds the gallery columns sorted by identity, gallery order within an
+    identity; identity ``i`` (of ``num_pids``) owns ``g_order[starts[i]:starts[i] + counts[i]]``.
+    """
+
+    def __init__(self, qp: Tensor, gp: Tensor) -> None:
+        self.g_order = torch.sort(gp, stable=True).indices
+        pids, self.counts = torch.unique_consecutive(gp[self.g_order], return_counts=True)
+        self.starts = self.counts.cumsum(0) - self.counts
+        self.num_pids = len(pids)
+        pos = torch.searchsorted(pids, qp).clamp_max(self.num_pids - 1)
+        self.q_index = torch.where(pids[pos] == qp, pos, -1)  # (Q,) identity of each query, -1 if absent
+        self.per_query = torch.where(self.q_index >= 0, self.counts[pos], 0)  # (Q,) gallery items of its identity
+        self.max_matches = max(1, int(self.per_query.max()) if len(qp) else 1)
+        self.g_index = torch.empty_like(gp)  # (G,) identity of each gallery column
+        self.g_index[self.g_order] = torch.repeat_interleave(torch.arange(self.num_pids, device=gp.device),
+                                                             self.counts)
+
+    def slots(self, rows: slice) -> tuple[Tensor, Tensor]:
+        """(C, M) gallery column of each query's k-th same-identity item (ascending) and whether it exists."""
+        k = torch.arange(self.max_matches, device=self.g_order.device)
+        present = k[None, :] < self.per_query[rows, None]
+        first = self.starts[self.q_index[rows].clamp_min(0)]
+        flat = (first[:, None] + k[None, :]).clamp_max(len(self.g_order) - 1)
+        return self.g_order[flat], present
+
+
 def _chunk_metrics(
     dist: Tensor,
     qp: Tensor,
@@ -196,39 +233,67 @@ def _chunk_metrics(
     gp: Tensor,
     gc: Tensor,
     rule: ExclusionFn,
-    g_pid_index: Tensor | None,
+    idx: Tensor,
+    present: Tensor,
+    method: str,
+    g_index: Tensor | None,
+    q_index: Tensor,
     num_pids: int,
+    chunk_elements: int,
+    sorter: _RowSorter,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-query (first-match rank, AP, INP, valid) for one chunk of queries (C, G)."""
+    """Per-query (first-match rank, AP, INP, valid) for one chunk of queries: ``dist`` is (C, G).
+
+    ``idx``/``present`` (C, M) list each query's same-identity gallery columns. Item j is
+    ahead of item p when ``(d_j, j) < (d_p, p)``: ascending distance, ties in gallery
+    order, exactly a stable sort's order.
+    """
     num_c, num_g = dist.shape
-    order = torch.sort(dist, dim=1, stable=True).indices  # (C, G)
-    keep = ~rule(qp[:, None], qc[:, None], gp[None, :], gc[None, :])
-    keep = keep.expand(num_c, num_g).gather(1, order)  # in ranked order
-    match = (gp[order] == qp[:, None]) & keep  # (C, G) true matches, ranked
-    num_rel = match.sum(1)
-    valid = num_rel > 0
-
-    kept_rank = keep.cumsum(1)  # 1-based rank among kept items (meaningful where keep)
-    positions = torch.arange(num_g, device=dist.device).expand(num_c, num_g)
-    first_pos = torch.where(match, positions, num_g).amin(1).clamp_max(num_g - 1)  # (C,)
-    last_pos = torch.where(match, positions, -1).amax(1).clamp_min(0)
-
-    if g_pid_index is not None:
-        # Rank on the identity-deduplicated list: 1 + identities whose first kept item precedes
-        # the first true match (the true identity's first item *is* the first match).
-        first_of_pid = torch.full((num_c, num_pids), num_g, dtype=torch.long, device=dist.device)
-        first_of_pid.scatter_reduce_(1, g_pid_index[order], torch.where(keep, positions, num_g),
-                                     reduce="amin")
-        first_rank = (first_of_pid < first_pos[:, None]).sum(1) + 1
+    if rule is exclude_none or rule is exclude_same_camera:
+        # These rules only ever remove items of the query's own identity: rank among all
+        # items, then discount the removed same-identity items ahead of each match.
+        keep = None
+        kept_d = dist
+        keep_at = ~rule(qp[:, None], qc[:, None], gp[idx], gc[idx])  # (C, M)
     else:
-        first_rank = kept_rank.gather(1, first_pos[:, None]).squeeze(1)
-
-    hits = match.cumsum(1).double()
-    precision = torch.where(match, hits / kept_rank.clamp_min(1).double(), 0.0)
-    rel = num_rel.double().clamp_min(1)
-    ap = precision.sum(1) / rel
-    inp = num_rel.double() / kept_rank.gather(1, last_pos[:, None]).squeeze(1).clamp_min(1).double()
-    return first_rank, ap, inp, valid
+        keep = ~rule(qp[:, None], qc[:, None], gp[None, :], gc[None, :]).expand(num_c, num_g)
+        kept_d = dist.masked_fill(~keep, float("inf"))  # removed items are never ahead (distances are finite)
+        keep_at = keep.gather(1, idx)
+    match_d = dist.gather(1, idx)  # (C, M)
+    if method == "count":
+        ahead = _ahead_by_count(kept_d, match_d, idx)
+    else:
+        ahead = _ahead_by_search(kept_d, match_d, idx, present & keep_at, chunk_elements, sorter)
+    used = present & keep_at  # true matches
+    removed = present & ~keep_at
+    if keep is None and bool(removed.any()):
+        # Slots in ranked order: a stable sort by distance keeps ties in slot order, which is gallery order.
+        order = torch.sort(match_d.masked_fill(~present, float("inf")), dim=1, stable=True).indices
+        removed_ranked = removed.gather(1, order).to(ahead.dtype)
+        removed_before = removed_ranked.cumsum(1) - removed_ranked
+        ahead = ahead - torch.empty_like(removed_before).scatter_(1, order, removed_before)
+    num_rel = _count(used, 1)
+    valid = num_rel > 0
+    rank = torch.where(used, ahead + 1, num_g + 1)  # 1-based rank among kept items; num_g + 1 = no match
+    ranked = rank.sort(1).values  # ascending: the k-th true match's rank in column k - 1
+    width = idx.shape[1]
+    hits = torch.arange(1, width + 1, device=dist.device, dtype=torch.float64)
+    rel = num_rel.double()
+    ap = torch.where(ranked <= num_g, hits / ranked.double(), 0.0).sum(1) / rel.clamp_min(1)
+    inp = rel / ranked.gather(1, (num_rel.long() - 1).clamp_min(0)[:, None]).squeeze(1).double()
+    if g_index is None:
+        return ranked[:, 0].long(), ap, inp, valid
+    # Deduplicated rank: 1 + the other identities with a kept item ahead of the best-ranked match.
+    best = rank.argmin(1, keepdim=True)
+    best_d, best_idx = match_d.gather(1, best), idx.gather(1, best)
+    columns = torch.arange(num_g, device=dist.device)
+    ahead_best = (kept_d < best_d) | ((kept_d == best_d) & (columns[None, :] < best_idx))
+    flag = torch.uint8 if dist.device.type == "cpu" else torch.int32  # byte atomics are not everywhere
+    seen = torch.zeros(num_c, num_pids + 1, dtype=flag, device=dist.device)
+    seen.scatter_reduce_(1, g_index.expand(num_c, num_g), ahead_best.to(flag), reduce="amax")
+    # the query's own identity has no kept item ahead of its best match, but may have removed ones
+    seen.scatter_(1, torch.where(q_index >= 0, q_index, num_pids)[:, None], 0)
+    return seen.sum(1, dtype=torch.int64) + 1, ap, inp, valid
 
 
 def _count(mask: Tensor, dim: int) -> Tensor:
@@ -236,60 +301,95 @@ def _count(mask: Tensor, dim: int) -> Tensor:
     return mask.view(torch.uint8).sum(dim, dtype=torch.int32)
 
 
-def _max_matches(qp: Tensor, gp: Tensor) -> int:
-    """The most gallery items any query's identity has (an upper bound on true matches)."""
-    pids, counts = torch.unique(gp, return_counts=True)
-    pos = torch.searchsorted(pids, qp).clamp_max(len(pids) - 1)
-    per_query = torch.where(pids[pos] == qp, counts[pos], 0)
-    return int(per_query.max()) if len(per_query) else 0
-
-
-def _chunk_metrics_count(
-    dist: Tensor,
-    qp: Tensor,
-    qc: Tensor,
-    gp: Tensor,
-    gc: Tensor,
-    rule: ExclusionFn,
-    g_pid_index: Tensor | None,
-    num_pids: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Same as :func:`_chunk_metrics`, ranking only the true matches by counting.
-
-    Item j precedes item p when ``(d_j, j) < (d_p, p)``: ascending distance, ties in
-    gallery order, exactly the stable sort's order.
-    """
-    num_c, num_g = dist.shape
-    device = dist.device
-    keep = ~rule(qp[:, None], qc[:, None], gp[None, :], gc[None, :]).expand(num_c, num_g)
-    match = (gp[None, :] == qp[:, None]) & keep  # (C, G), gallery order
-    num_rel = _count(match, 1).long()
-    valid = num_rel > 0
-    width = max(1, int(num_rel.max()) if num_c else 1)
-    # Gallery index of each query's k-th true match, (C, M); unused slots point at column 0.
-    slot = torch.where(match, match.cumsum(1) - 1, width)
-    match_idx = torch.zeros(num_c, width + 1, dtype=torch.long, device=device)
-    match_idx.scatter_(1, slot, torch.arange(num_g, device=device).expand(num_c, num_g))
-    match_idx = match_idx[:, :width]
-    used = torch.arange(width, device=device)[None, :] < num_rel[:, None]  # (C, M)
-    match_d = dist.gather(1, match_idx)
-    columns = torch.arange(num_g, device=device)
-    kept_d = dist.masked_fill(~keep, float("inf"))  # excluded items never precede (distances are finite)
+def _ahead_by_count(kept_d: Tensor, match_d: Tensor, idx: Tensor) -> Tensor:
+    """(C, M) number of items of ``kept_d`` (C, G) ahead of each slot, by comparing with the whole row."""
+    columns = torch.arange(kept_d.shape[1], device=kept_d.device)
     d3, m3 = kept_d[:, None, :], match_d[:, :, None]
-    ahead_count = _count(d3 < m3, 2) + _count((d3 == m3) & (columns[None, None, :] < match_idx[:, :, None]), 2)
-    unsorted = torch.where(used, ahead_count.long() + 1, num_g + 1)  # (C, M)
-    rank = unsorted.sort(1).values  # 1-based ranks among kept items, ascending; unused slots last
-    hits = torch.arange(1, width + 1, device=device, dtype=torch.float64)[None, :]
-    rel = num_rel.double().clamp_min(1)
-    ap = torch.where(used, hits / rank.double(), 0.0).sum(1) / rel
-    last = rank.gather(1, (num_rel - 1).clamp_min(0)[:, None]).squeeze(1)
-    inp = num_rel.double() / last.double()
-    if g_pid_index is None:
-        return rank[:, 0], ap, inp, valid
-    # Deduplicated rank: 1 + identities with a kept item ahead of the best-ranked true match.
-    best = unsorted.argmin(1, keepdim=True)  # slot of the best-ranked true match
-    best_idx, best_d = match_idx.gather(1, best), match_d.gather(1, best)
-    ahead = (kept_d < best_d) | ((kept_d == best_d) & (columns[None, :] < best_idx))
-    seen = torch.zeros(num_c, num_pids, dtype=torch.long, device=device)
-    seen.scatter_reduce_(1, g_pid_index.expand(num_c, num_g), ahead.long(), reduce="amax")
-    return seen.sum(1) + 1, ap, inp, valid
+    return _count(d3 < m3, 2) + _count((d3 == m3) & (columns[None, None, :] < idx[:, :, None]), 2)
+
+
+def _ahead_by_search(
+    kept_d: Tensor, match_d: Tensor, idx: Tensor, used: Tensor, chunk_elements: int, sorter: _RowSorter
+) -> Tensor:
+    """Same as :func:`_ahead_by_count` for the ``used`` slots, by binary search in the sorted rows.
+
+    The search counts the items with a strictly smaller distance. A used slot's own distance
+    is in its row, so it is tied with another item exactly when the next sorted value equals it;
+    only those slots then count their equal items of smaller gallery index.
+    """
+    num_g = kept_d.shape[1]
+    ordered, ahead = sorter(kept_d, match_d)
+    following = ordered.gather(1, (ahead + 1).clamp_max(num_g - 1))
+    tied = used & (ahead + 1 < num_g) & (following == match_d)
+    if bool(tied.any()):
+        rows, slots = tied.nonzero(as_tuple=True)
+        columns = torch.arange(num_g, device=kept_d.device)
+        step = max(1, chunk_elements // num_g)
+        for start in range(0, len(rows), step):  # over tied (query, match) pairs, a few (step, G) at a time
+            r, s = rows[start:start + step], slots[start:start + step]
+            equal_before = (kept_d[r] == match_d[r, s, None]) & (columns[None, :] < idx[r, s, None])
+            ahead[r, s] += _count(equal_before, 1).to(ahead.dtype)
+    return ahead
+
+
+def _bisect_left_rows(ordered: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """(C, M) number of entries of each sorted row of ``ordered`` (C, G) below ``values`` (C, M).
+
+    ``torch.searchsorted`` for rows, in NumPy: one vectorised halving step per bit of G. (On CPU,
+    torch's version wakes its thread pool, whose spinning then slows the next sort's threads.)
+    """
+    num_g = ordered.shape[1]
+    low = np.zeros(values.shape, dtype=np.int64)
+    high = np.full(values.shape, num_g, dtype=np.int64)
+    rows = np.arange(len(ordered))[:, None]
+    for _ in range(num_g.bit_length()):
+        mid = (low + high) >> 1
+        below = ordered[rows, np.minimum(mid, num_g - 1)] < values
+        below &= mid < high
+        low = np.where(below, mid + 1, low)
+        high = np.where(below | (mid >= high), high, mid)
+    return low
+
+
+class _RowSorter:
+    """Sorts the rows of (C, G) chunks (values only), reusing one output buffer across chunks.
+
+    On CPU this is NumPy's sort (SIMD quicksort, several times faster than ``torch.sort``), split
+    over ``torch.get_num_threads()`` threads; NumPy releases the GIL while it sorts.
+    """
+
+    _pool: ThreadPoolExecutor | None = None
+
+    def __init__(self) -> None:
+        self._buffer: np.ndarray | None = None
+
+    def __call__(self, x: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` (C, G) with sorted rows, and (C, M) how many entries of each row are below ``values``."""
+        if x.device.type != "cpu":
+            ordered = torch.sort(x, dim=1).values
+            return ordered, torch.searchsorted(ordered, values.contiguous())
+        src, targets = x.numpy(), values.numpy()
+        if self._buffer is None or self._buffer.dtype != src.dtype or self._buffer.size < src.size:
+            self._buffer = np.empty(src.size, dtype=src.dtype)
+        out = self._buffer[:src.size].reshape(src.shape)
+        below = np.empty(targets.shape, dtype=np.int64)
+
+        def sort_rows(part: slice) -> None:
+            out[part] = src[part]
+            out[part].sort(axis=1)
+            below[part] = _bisect_left_rows(out[part], targets[part])
+
+        threads = min(torch.get_num_threads(), len(src), max(1, src.size >> 16))
+        if threads <= 1:
+            sort_rows(slice(None))
+        else:
+            bounds = np.linspace(0, len(src), threads + 1).astype(int).tolist()
+            parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            list(self._executor(threads).map(sort_rows, parts))
+        return torch.from_numpy(out), torch.from_numpy(below)
+
+    @classmethod
+    def _executor(cls, threads: int) -> ThreadPoolExecutor:
+        if cls._pool is None or cls._pool._max_workers < threads:
+            cls._pool = ThreadPoolExecutor(threads, thread_name_prefix="cmssft-sort")
+        return cls._pool

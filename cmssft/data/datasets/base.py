@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cmssft.errors import DatasetError
@@ -17,7 +18,20 @@ def require_dir(path: Path, layout_hint: str) -> None:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files of ``folder`` in sorted file-name order (the order protocols rely on)."""
-    return [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return [folder / name for name in list_image_names(folder)]
+
+
+def list_image_names(folder: str | os.PathLike[str]) -> list[str]:
+    """File names of :func:`list_images`, sorted; one ``os.scandir`` and no stat per regular file.
+
+    Raises ``FileNotFoundError``/``NotADirectoryError`` when ``folder`` is not a directory.
+    """
+    with os.scandir(folder) as entries:
+        # Path(name).suffix.lower() in IMAGE_SUFFIXES: the name ends with one, and not only of it (".jpg")
+        names = [e.name for e in entries if e.name.lower().endswith(IMAGE_SUFFIXES) and e.name.rfind(".") > 0
+                 and e.is_file()]
+    names.sort()
+    return names
 
 
 def read_text_lines(path: Path) -> list[str]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
-from cmssft.data.datasets.base import list_images, read_id_list, require_dir
+from cmssft.data.datasets.base import list_image_names, read_id_list, require_dir
 from cmssft.data.records import CrossModalDataset, Modality, Sample, assign_labels
 from cmssft.errors import DatasetError
 from cmssft.registry import DATASETS
@@ -42,12 +43,17 @@ def _check_tree(root: Path) -> None:
 def _samples(root: Path, pids: list[int], cameras: tuple[int, ...]) -> list[Sample]:
     """Identity-major, camera-minor, files sorted: the order the community protocol draws in."""
     samples = []
+    camera_dirs = {camid: str(root / f"cam{camid}") for camid in cameras}
     for pid in sorted(pids):
         for camid in cameras:
-            folder = root / f"cam{camid}" / f"{pid:04d}"
-            if folder.is_dir():
-                modality = camera_modality(camid)
-                samples.extend(Sample(str(p), pid, camid, modality) for p in list_images(folder))
+            folder = os.path.join(camera_dirs[camid], f"{pid:04d}")  # == str(root / f"cam{camid}" / f"{pid:04d}")
+            try:
+                names = list_image_names(folder)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # this identity has no images from this camera
+            modality = camera_modality(camid)
+            prefix = os.path.join(folder, "")
+            samples.extend(Sample(prefix + name, pid, camid, modality) for name in names)
     return samples
 
 
