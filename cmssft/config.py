@@ -59,48 +59,65 @@ class DataConfig:
 
 @dataclass
 class SSTNConfig:
-    enabled: bool = True
-    topk: int = 6
-    normalize: Literal["softmax", "sum"] = "softmax"
-    temperature: float = 0.1
-    fusion: Literal["residual", "concat"] = "residual"
-    test_mode: Literal["transductive", "single_query", "off"] = "transductive"
+    """Shared-Specific Transfer Network; every (?) choice is explained in docs/METHOD.md."""
+
+    enabled: bool = True  # false: no transfer, no fused features, no fused losses
+    topk: int = 6  # (?) k of the top-k sparsification T_k (edges kept per row)
+    normalize: Literal["softmax", "sum"] = "softmax"  # (?) edge weights: softmax(S/T), or (1+S)/2 / row sum
+    temperature: float = 0.1  # softmax temperature T (normalize=softmax only)
+    self_loops: bool = False  # (?) may a node pick itself as a neighbour; false: the diagonal is excluded
+    affinity_dim: int = 0  # learned linear transforms before the cosine affinity (0: cosine of the features)
+    fusion: Literal["residual", "concat"] = "residual"  # (?) fused = x + Ax, or Linear([x, Ax])
+    fused_dim: int = 0  # output width of the concat fusion (0: the backbone's feature width)
+    test_mode: Literal["transductive", "single_query", "off"] = "transductive"  # default score() mode
+    off_features: Literal["shared", "concat"] = "shared"  # test_mode=off: shared only, or [shared, specific]
+    chunk: int = 512  # rows (test nodes or queries) per block when scoring; bounds memory only
 
 
 @dataclass
 class ModelConfig:
+    name: str = "cmssft"  # builder registered in cmssft.registry.MODELS
     backbone: Literal["resnet50", "resnet18"] = "resnet50"
     pretrained: str = "imagenet"  # none | imagenet | /path/to/state_dict.pth
-    last_stride: int = 1
-    pooling: Literal["avg", "gem"] = "avg"
-    shared_from: Literal["layer1", "layer2", "layer3", "layer4"] = "layer2"  # first shared stage
-    specific_from: Literal["layer2", "layer3", "layer4"] = "layer3"  # first per-modality stage
-    use_specific: bool = True
+    download_timeout: float = 10.0  # seconds allowed to reach the ImageNet weights server before UserError
+    last_stride: int = 1  # stride of layer4 (1 keeps a 2x larger final map)
+    pooling: Literal["avg", "gem"] = "avg"  # global pooling of the last feature map
+    gem_p: float = 3.0  # initial (learned) GeM exponent
+    bnneck: bool = True  # BatchNorm1d (bias frozen) between pooled features and the classifiers
+    # (?) where the streams split; stages before shared_from are per-modality (conv1: none are)
+    shared_from: Literal["conv1", "layer1", "layer2", "layer3", "layer4"] = "layer2"  # first shared stage
+    specific_from: Literal["layer2", "layer3", "layer4"] = "layer3"  # first per-modality stage of h_sp
+    use_specific: bool = True  # false: no h_sp (baseline); project_adversarial/reconstruction need it
     sstn: SSTNConfig = field(default_factory=SSTNConfig)
-    modality_adaptation: bool = True
-    project_adversarial: bool = True
-    reconstruction: bool = True
+    modality_adaptation: bool = True  # modality discriminator on h_sh through gradient reversal
+    project_adversarial: bool = True  # projector h_sh -> h_sp, trained adversarially (one per modality)
+    reconstruction: bool = True  # decoder rebuilds the downsampled input from [h_sh, h_sp] (one per modality)
+    grl_modality: float = 1.0  # gradient-reversal scale for the modality discriminator
+    grl_project: float = 1.0  # gradient-reversal scale for the projector
+    head_hidden: int = 512  # hidden width of the discriminator and projector MLPs
+    recon_downsample: int = 8  # reconstruction target: the input average-pooled by this factor
 
 
 @dataclass
 class LossWeights:
-    id_shared: float = 1.0
-    id_specific: float = 1.0
-    triplet_shared: float = 1.0
-    triplet_specific: float = 1.0
-    id_fused: float = 1.0
-    triplet_fused: float = 1.0
-    modality: float = 0.1
-    project: float = 0.1
-    reconstruction: float = 0.1
+    id_shared: float = 1.0  # identity cross-entropy on h_sh
+    id_specific: float = 1.0  # identity cross-entropy on h_sp
+    triplet_shared: float = 1.0  # cross-modality triplet on h_sh
+    triplet_specific: float = 1.0  # single-modality triplet on h_sp
+    id_fused: float = 1.0  # identity cross-entropy on SSTN-fused features
+    triplet_fused: float = 1.0  # triplet on SSTN-fused features (form: loss.fused_triplet)
+    modality: float = 0.1  # modality discriminator cross-entropy (reversed for the extractor)
+    project: float = 0.1  # projector error (reversed for the extractor)
+    reconstruction: float = 0.1  # decoder mean squared error
 
 
 @dataclass
 class LossConfig:
-    label_smoothing: float = 0.1
-    triplet_margin: float = 0.3
+    label_smoothing: float = 0.1  # of every identity cross-entropy (0 disables)
+    triplet_margin: float = 0.3  # margin of every triplet term
     hard_negatives: int = 1  # k of the kNN-margin triplet; 1 is batch-hard
-    weights: LossWeights = field(default_factory=LossWeights)
+    fused_triplet: Literal["all", "cross", "single"] = "all"  # which pairs the fused triplet mines
+    weights: LossWeights = field(default_factory=LossWeights)  # 0 drops a term
 
 
 @dataclass

@@ -1,0 +1,73 @@
+"""Models: ``build_model(cfg, num_classes)`` builds the one named by ``cfg.model.name``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from cmssft.config import Config
+from cmssft.errors import UserError
+from cmssft.models.backbone import feature_dim, resnet_stages
+from cmssft.models.cmssft_model import CmSSFT
+from cmssft.models.extractor import TwoStreamExtractor
+from cmssft.models.heads import Decoder, ModalityDiscriminator, Projector
+from cmssft.models.sstn import SSTN
+from cmssft.registry import MODELS
+
+__all__ = ["CmSSFT", "SSTN", "TwoStreamExtractor", "build_cmssft", "build_model"]
+
+
+def build_model(cfg: Config, num_classes: int) -> nn.Module:
+    """The model named by ``cfg.model.name`` for ``num_classes`` training identities."""
+    return MODELS.get(cfg.model.name)(cfg, num_classes)
+
+
+@MODELS.register("cmssft")
+def build_cmssft(cfg: Config, num_classes: int) -> CmSSFT:
+    """cm-SSFT, or with the specific branch, SSTN and heads off, the shared-only baseline."""
+    m = cfg.model
+    if not m.use_specific and (m.project_adversarial or m.reconstruction):
+        raise UserError(
+            "model.use_specific=false leaves no specific features for the project_adversarial/reconstruction "
+            "heads; set model.project_adversarial=false and model.reconstruction=false"
+        )
+    dim = feature_dim(m.backbone)
+    stages = resnet_stages(m.backbone, m.pretrained, m.last_stride, m.download_timeout)
+    extractor = TwoStreamExtractor(stages, m.shared_from, m.specific_from if m.use_specific else None)
+    s = m.sstn
+    sstn = None
+    if s.enabled:
+        sstn = SSTN(
+            dim,
+            use_specific=m.use_specific,
+            topk=s.topk,
+            normalize=s.normalize,
+            temperature=s.temperature,
+            self_loops=s.self_loops,
+            affinity_dim=s.affinity_dim,
+            fusion=s.fusion,
+            fused_dim=s.fused_dim,
+            bnneck=m.bnneck,
+            chunk=s.chunk,
+        )
+    modality_head = projectors = decoders = None
+    if m.modality_adaptation:
+        modality_head = ModalityDiscriminator(dim, m.head_hidden, grl_scale=m.grl_modality)
+    if m.project_adversarial:
+        projectors = nn.ModuleList(Projector(dim, m.head_hidden, grl_scale=m.grl_project) for _ in range(2))
+    if m.reconstruction:
+        decoders = nn.ModuleList(Decoder(2 * dim) for _ in range(2))
+    return CmSSFT(
+        extractor,
+        dim,
+        num_classes,
+        pooling=m.pooling,
+        gem_p=m.gem_p,
+        bnneck=m.bnneck,
+        sstn=sstn,
+        modality_head=modality_head,
+        projectors=projectors,
+        decoders=decoders,
+        recon_downsample=m.recon_downsample,
+        test_mode=s.test_mode,
+        off_features=s.off_features,
+    )

@@ -1,0 +1,228 @@
+"""The cm-SSFT model: two-stream extractor, BN-necks and classifiers, SSTN, complementary heads.
+
+Tensor shapes at this boundary (B images, C backbone width, K classes):
+
+Training, ``model(images [B,3,H,W] float, modality [B] long (0 RGB, 1 IR), labels [B] long | None)``
+returns a dict, each entry present only when its part is enabled:
+
+====================  ============  =============================================================
+key                   shape         meaning
+====================  ============  =============================================================
+shared_feat           [B, C]        pooled h_sh (before the BN-neck): triplet input
+shared_logits         [B, K]        identity logits of h_sh
+specific_feat         [B, C]        pooled h_sp of the sample's own modality branch
+specific_logits       [B, K]        identity logits of h_sp (per-modality classifier)
+fused_feat            [B, D']       SSTN-fused feature (before its BN-neck)
+fused_logits          [B, K]        identity logits of the fused feature
+modality_logits       [B, 2]        discriminator logits on reversed h_sh
+project_pred          [B, C]        projector's prediction of h_sp from reversed h_sh
+project_target        [B, C]        h_sp behind gradient reversal
+recon                 [B, 3, h, w]  decoder output from [h_sh, h_sp], h = H // recon_downsample
+recon_target          [B, 3, h, w]  the input, average-pooled (no gradient)
+stats                 dict          detached scalars for logging (sstn/*, heads/*)
+====================  ============  =============================================================
+
+Test time: ``extract`` gives a bank ``{"shared": [N, C], "specific": [N, C], "modality": [N]}``
+of BN-neck features (``specific`` only with a specific branch); ``score`` turns a query bank
+and a gallery bank into distances ``[Q, G]`` (smaller = more similar).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmssft.errors import UserError
+from cmssft.models.extractor import TwoStreamExtractor
+from cmssft.models.heads import ModalityDiscriminator
+from cmssft.models.neck import BNNeck, make_pool
+from cmssft.models.routing import group_by_modality, per_modality
+from cmssft.models.sstn import MODES, SSTN, affinity_stats
+
+Bank = dict[str, torch.Tensor]
+
+
+class CmSSFT(nn.Module):
+    """Cross-modality re-id with shared-specific feature transfer.
+
+    Args:
+        extractor: the two-stream backbone (its parameters form the ``backbone`` group).
+        feat_dim: width C of its pooled features.
+        num_classes: training identities.
+        pooling: ``avg`` or ``gem`` (one pooling module per branch).
+        bnneck: BN-neck before every classifier.
+        sstn: the transfer network, or None for no transfer.
+        modality_head, projectors, decoders: complementary heads, or None; projectors and
+            decoders hold one module per modality.
+        recon_downsample: the decoder's target is the input average-pooled by this factor.
+        test_mode: default mode of :meth:`score`.
+        off_features: features of the ``off`` mode, ``shared`` or ``concat`` (shared and specific).
+    """
+
+    def __init__(
+        self,
+        extractor: TwoStreamExtractor,
+        feat_dim: int,
+        num_classes: int,
+        pooling: str = "avg",
+        gem_p: float = 3.0,
+        bnneck: bool = True,
+        sstn: SSTN | None = None,
+        modality_head: ModalityDiscriminator | None = None,
+        projectors: nn.ModuleList | None = None,
+        decoders: nn.ModuleList | None = None,
+        recon_downsample: int = 8,
+        test_mode: str = "transductive",
+        off_features: str = "shared",
+        num_modalities: int = 2,
+    ) -> None:
+        super().__init__()
+        if (projectors is not None or decoders is not None) and not extractor.has_specific:
+            raise UserError("project_adversarial and reconstruction need the specific branch (use_specific)")
+        if test_mode not in MODES:
+            raise UserError(f"test mode {test_mode!r} is not one of {MODES}")
+        self.extractor = extractor
+        self.num_modalities = num_modalities
+        self.pool_sh = make_pool(pooling, gem_p)
+        self.neck_sh = BNNeck(feat_dim, bnneck)
+        self.cls_sh = nn.Linear(feat_dim, num_classes, bias=False)
+        self.pool_sp = self.necks_sp = self.cls_sp = None
+        if extractor.has_specific:
+            self.pool_sp = make_pool(pooling, gem_p)
+            self.necks_sp = nn.ModuleList(BNNeck(feat_dim, bnneck) for _ in range(num_modalities))
+            self.cls_sp = nn.ModuleList(
+                nn.Linear(feat_dim, num_classes, bias=False) for _ in range(num_modalities)
+            )
+        self.sstn = sstn
+        self.cls_fused = nn.Linear(sstn.out_dim, num_classes, bias=False) if sstn is not None else None
+        self.modality_head = modality_head
+        self.projectors = projectors
+        self.decoders = decoders
+        self.recon_downsample = recon_downsample
+        self.test_mode = test_mode
+        self.off_features = off_features
+        for layer in (self.cls_sh, self.cls_fused, *(self.cls_sp or [])):
+            if layer is not None:
+                nn.init.normal_(layer.weight, std=0.001)
+
+    # ------------------------------------------------------------------ training
+
+    def forward(
+        self, images: torch.Tensor, modality: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+        """Every tensor the criterion needs; see the module docstring for keys and shapes."""
+        grouping = group_by_modality(modality, self.num_modalities)
+        sizes = grouping.sizes
+        x = images.index_select(0, grouping.order)
+        h_sh, h_sp, bn_sh, bn_sp = self._features(x, sizes)
+        out: dict[str, torch.Tensor] = {"shared_feat": h_sh, "shared_logits": self.cls_sh(bn_sh)}
+        if h_sp is not None:
+            out["specific_feat"] = h_sp
+            out["specific_logits"] = per_modality(bn_sp, sizes, self.cls_sp)
+        if self.modality_head is not None:
+            out["modality_logits"] = self.modality_head(h_sh)
+        if self.projectors is not None:
+            pairs = [
+                p(a, b) for p, a, b in zip(self.projectors, h_sh.split(sizes), h_sp.split(sizes), strict=True)
+            ]
+            out["project_pred"] = torch.cat([pred for pred, _ in pairs])
+            out["project_target"] = torch.cat([target for _, target in pairs])
+        if self.decoders is not None:
+            size = (x.shape[2] // self.recon_downsample, x.shape[3] // self.recon_downsample)
+            code = torch.cat([h_sh, h_sp], dim=1).split(sizes)
+            out["recon"] = torch.cat([d(z, size) for d, z in zip(self.decoders, code, strict=True)])
+            out["recon_target"] = F.adaptive_avg_pool2d(x.detach(), size)
+        out = {k: v.index_select(0, grouping.inverse) for k, v in out.items()}  # back to the caller's order
+        stats: dict[str, torch.Tensor] = {}
+        if self.sstn is not None:
+            bn_sh = bn_sh.index_select(0, grouping.inverse)
+            bn_sp = None if bn_sp is None else bn_sp.index_select(0, grouping.inverse)
+            fused, fused_bn, graph = self.sstn(bn_sh, bn_sp, modality)
+            out["fused_feat"] = fused
+            out["fused_logits"] = self.cls_fused(fused_bn)
+            stats.update(affinity_stats(graph, modality, labels))
+        stats.update(self._head_stats(out, modality))
+        out["stats"] = stats
+        return out
+
+    def _features(
+        self, x: torch.Tensor, sizes: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Pooled and BN-necked shared/specific features of grouped images."""
+        sh_map, sp_map = self.extractor(x, sizes)
+        h_sh = self.pool_sh(sh_map)
+        bn_sh = self.neck_sh(h_sh)
+        if sp_map is None:
+            return h_sh, None, bn_sh, None
+        h_sp = self.pool_sp(sp_map)
+        return h_sh, h_sp, bn_sh, per_modality(h_sp, sizes, self.necks_sp)
+
+    @staticmethod
+    def _head_stats(out: dict[str, torch.Tensor], modality: torch.Tensor) -> dict[str, torch.Tensor]:
+        stats = {}
+        with torch.no_grad():
+            if "modality_logits" in out:
+                hit = out["modality_logits"].argmax(dim=1) == modality
+                stats["heads/modality_accuracy"] = hit.float().mean()
+            if "project_pred" in out:
+                cos = F.cosine_similarity(out["project_pred"].float(), out["project_target"].float(), dim=1)
+                stats["heads/project_cosine"] = cos.mean()
+        return stats
+
+    # ------------------------------------------------------------------ test time
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor, modality: torch.Tensor) -> Bank:
+        """Per-image bank features (call ``eval()`` first); banks of batches concatenate key by key."""
+        grouping = group_by_modality(modality, self.num_modalities)
+        _, _, bn_sh, bn_sp = self._features(images.index_select(0, grouping.order), grouping.sizes)
+        bank = {"shared": bn_sh.float().index_select(0, grouping.inverse), "modality": modality.clone()}
+        if bn_sp is not None:
+            bank["specific"] = bn_sp.float().index_select(0, grouping.inverse)
+        return bank
+
+    @torch.no_grad()
+    def score(self, query_bank: Bank, gallery_bank: Bank, mode: str | None = None) -> torch.Tensor:
+        """Distances ``[Q, G]`` (cosine distance, smaller = more similar).
+
+        ``mode`` (default: the configured test mode): ``transductive`` (one SSTN graph over
+        query + gallery), ``single_query`` (each query alone with the gallery) or ``off``
+        (no transfer). Without an SSTN every mode is ``off``.
+        """
+        mode = mode or self.test_mode
+        if mode not in MODES:
+            raise UserError(f"test mode {mode!r} is not one of {MODES}")
+        if self.sstn is None or mode == "off":
+            return 1.0 - self._plain(query_bank) @ self._plain(gallery_bank).T
+
+        def triple(bank: Bank) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+            return bank["shared"].float(), _maybe_float(bank.get("specific")), bank["modality"]
+
+        return self.sstn.distance(triple(query_bank), triple(gallery_bank), mode)
+
+    def _plain(self, bank: Bank) -> torch.Tensor:
+        shared = F.normalize(bank["shared"].float(), dim=1)
+        if self.off_features == "concat" and "specific" in bank:
+            specific = F.normalize(bank["specific"].float(), dim=1)
+            return torch.cat([shared, specific], dim=1) / math.sqrt(2.0)
+        return shared
+
+    # ------------------------------------------------------------------ optimisation
+
+    def param_groups(self, base_lr: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+        """Optimizer groups: ``backbone`` (ResNet stages) at ``base_lr * backbone_lr_mult``, ``heads``
+        (everything else) at ``base_lr``; frozen parameters are left out."""
+        backbone = [p for p in self.extractor.parameters() if p.requires_grad]
+        ids = {id(p) for p in self.extractor.parameters()}
+        heads = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [
+            {"name": "backbone", "params": backbone, "lr": base_lr * backbone_lr_mult},
+            {"name": "heads", "params": heads, "lr": base_lr},
+        ]
+
+
+def _maybe_float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()

@@ -1,0 +1,202 @@
+"""SSTN: unified features, block affinity, top-k graph, propagation, test-time modes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cmssft.models.sstn import (
+    SSTN,
+    Graph,
+    affinity_stats,
+    edge_weights,
+    propagate,
+    to_dense,
+    top_k,
+    unify,
+)
+
+DIM = 8
+
+
+def make_sstn(**kwargs) -> SSTN:
+    """An SSTN in eval mode whose BN-neck is a non-trivial affine map."""
+    torch.manual_seed(1)
+    kwargs.setdefault("temperature", 0.3)
+    sstn = SSTN(DIM, **kwargs)
+    bn = sstn.neck.bn
+    if bn is not None:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+    return sstn.eval()
+
+
+def make_bank(n: int, seed: int, specific: bool = True, modality: int | None = None):
+    gen = torch.Generator().manual_seed(seed)
+    mod = torch.randint(0, 2, (n,), generator=gen) if modality is None else torch.full((n,), modality)
+    sp = torch.randn(n, DIM, generator=gen) if specific else None
+    return torch.randn(n, DIM, generator=gen), sp, mod
+
+
+def row(bank, i: int):
+    return tuple(t[i : i + 1] if t is not None else None for t in bank)
+
+
+def test_unify_pads_the_missing_modality_with_zeros():
+    shared, specific = torch.ones(2, 3), torch.full((2, 3), 2.0)
+    x = unify(shared, specific, torch.tensor([0, 1]))
+    assert x.tolist() == [[1, 1, 1, 2, 2, 2, 0, 0, 0], [1, 1, 1, 0, 0, 0, 2, 2, 2]]
+    assert unify(shared, None, torch.tensor([0, 1])) is shared
+
+
+def test_affinity_is_intra_shared_plus_specific_and_inter_shared_only():
+    sstn = make_sstn()
+    shared = torch.tensor([[1.0] + [0.0] * 7, [1.0] + [0.0] * 7, [1.0] + [0.0] * 7])
+    specific = torch.tensor([[1.0] + [0.0] * 7, [-1.0] + [0.0] * 7, [0.0, 1.0] + [0.0] * 6])
+    nodes = sstn.nodes(shared, specific, torch.tensor([0, 0, 1]))
+    s = sstn.similarity(nodes, nodes)
+    assert s[0, 1].item() == pytest.approx(0.0)  # same modality: (1 + (-1)) / 2
+    assert s[0, 2].item() == pytest.approx(1.0)  # cross modality: the shared cosine alone
+    assert s[0, 0].item() == pytest.approx(1.0)
+    assert torch.allclose(s, s.T)
+
+
+@pytest.mark.parametrize("normalize", ["softmax", "sum"])
+@pytest.mark.parametrize("self_loops", [False, True])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_graph_keeps_exactly_k_entries_per_row_summing_to_one(normalize, self_loops, k):
+    sstn = make_sstn(topk=k, normalize=normalize, self_loops=self_loops)
+    nodes = sstn.nodes(*make_bank(10, seed=k))
+    graph = sstn.graph(sstn.similarity(nodes, nodes))
+    dense = to_dense(graph, 10)
+    assert ((dense > 0).sum(dim=1) == k).all()
+    assert torch.allclose(dense.sum(dim=1), torch.ones(10))
+    if not self_loops:
+        assert (dense.diagonal() == 0).all()
+
+
+def test_topk_ties_go_to_the_lower_index():
+    s = torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.9, 0.1]])
+    value, index = top_k(s, 3)
+    assert index.tolist() == [[1, 4, 0]]
+    assert torch.equal(value, torch.tensor([[0.9, 0.9, 0.5]]))
+
+
+def test_edge_weights_softmax_and_sum():
+    value = torch.tensor([[1.0, 0.0, -1.0 + 1e-3]])
+    soft = edge_weights(value, "softmax", 0.5)
+    assert torch.allclose(soft, torch.softmax(value / 0.5, dim=1))
+    plain = edge_weights(value, "sum", 0.5)
+    expected = torch.tensor([[1.0, 0.5, 5e-4]])
+    assert torch.allclose(plain, expected / expected.sum(), atol=1e-6)
+    assert (plain > 0).all()
+
+
+def test_propagate_is_the_dense_product():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=gen)
+    index = torch.tensor([[1, 2], [0, 5], [3, 4], [2, 1], [0, 3], [4, 2]])
+    weight = torch.softmax(torch.randn(6, 2, generator=gen), dim=1)
+    graph = Graph(index, weight, torch.zeros(6, 2))
+    assert torch.allclose(propagate(graph, x), to_dense(graph, 6) @ x, atol=1e-6)
+
+
+def test_training_forward_shapes_and_residual_fusion():
+    sstn = make_sstn().train()
+    shared, specific, modality = make_bank(12, seed=3)
+    fused, fused_bn, graph = sstn(shared, specific, modality)
+    assert fused.shape == fused_bn.shape == (12, 3 * DIM)
+    assert graph.index.shape == graph.weight.shape == (12, 6)
+    x = unify(shared, specific, modality)
+    assert torch.allclose(fused, x + to_dense(graph, 12) @ x, atol=1e-5)
+    concat = SSTN(DIM, fusion="concat", fused_dim=5)
+    fused, fused_bn, _ = concat(shared, specific, modality)
+    assert fused.shape == (12, 5)
+
+
+def test_affinity_stats_on_a_hand_made_graph():
+    index = torch.tensor([[1, 2], [0, 3], [0, 3], [2, 1]])
+    weight = torch.tensor([[0.75, 0.25], [0.5, 0.5], [1.0, 0.0], [0.5, 0.5]])
+    graph = Graph(index, weight, torch.full((4, 2), 0.5))
+    modality = torch.tensor([0, 0, 1, 1])
+    labels = torch.tensor([0, 1, 0, 1])
+    stats = affinity_stats(graph, modality, labels)
+    # cross edges: 0->2, 1->3, 2->0, 3->1 (4 of 8); same identity: 0->2, 1->3, 2->0, 3->1
+    assert stats["sstn/cross_edges"].item() == pytest.approx(0.5)
+    assert stats["sstn/edge_accuracy"].item() == pytest.approx(0.5)
+    assert stats["sstn/cross_edge_accuracy"].item() == pytest.approx(1.0)
+    assert stats["sstn/cross_weight"].item() == pytest.approx((0.25 + 0.5 + 1.0 + 0.5) / 4)
+    assert stats["sstn/weight_accuracy"].item() == pytest.approx((0.25 + 0.5 + 1.0 + 0.5) / 4)
+    assert stats["sstn/max_weight"].item() == pytest.approx((0.75 + 0.5 + 1.0 + 0.5) / 4)
+    assert "sstn/edge_accuracy" not in affinity_stats(graph, modality)
+    assert all(not v.requires_grad for v in stats.values())
+
+
+VARIANTS = list(
+    itertools.product(["softmax", "sum"], ["residual", "concat"], [False, True], [0, 5], [True, False])
+)
+
+
+@pytest.mark.parametrize(("normalize", "fusion", "self_loops", "affinity_dim", "specific"), VARIANTS)
+def test_single_query_equals_one_query_transductive_graphs(
+    normalize, fusion, self_loops, affinity_dim, specific
+):
+    sstn = make_sstn(
+        use_specific=specific,
+        topk=3,
+        normalize=normalize,
+        self_loops=self_loops,
+        affinity_dim=affinity_dim,
+        fusion=fusion,
+        chunk=3,
+    )
+    query, gallery = make_bank(7, seed=10, specific=specific), make_bank(9, seed=11, specific=specific)
+    single = sstn.distance(query, gallery, "single_query")
+    separate = torch.cat([sstn.distance(row(query, i), gallery, "transductive") for i in range(7)])
+    assert single.shape == (7, 9)
+    assert torch.allclose(single, separate, atol=1e-5)
+    one = sstn.distance(row(query, 0), gallery, "single_query")
+    assert torch.allclose(one, sstn.distance(row(query, 0), gallery, "transductive"), atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    num_q=st.integers(1, 6),
+    num_g=st.integers(6, 12),
+    k=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+    normalize=st.sampled_from(["softmax", "sum"]),
+)
+def test_single_query_matches_transductive_property(num_q, num_g, k, seed, normalize):
+    sstn = make_sstn(topk=k, normalize=normalize, chunk=4)
+    query, gallery = make_bank(num_q, seed, modality=1), make_bank(num_g, seed + 1, modality=0)
+    single = sstn.distance(query, gallery, "single_query")
+    separate = torch.cat([sstn.distance(row(query, i), gallery, "transductive") for i in range(num_q)])
+    assert torch.allclose(single, separate, atol=1e-5)
+
+
+def test_transductive_uses_the_whole_graph():
+    """With several queries, queries become neighbours of each other, so rows differ from SQ."""
+    sstn = make_sstn(topk=3)
+    query, gallery = make_bank(8, seed=5), make_bank(8, seed=6)
+    full = sstn.distance(query, gallery, "transductive")
+    assert full.shape == (8, 8)
+    assert not torch.allclose(full, sstn.distance(query, gallery, "single_query"))
+    chunked = make_sstn(topk=3, chunk=5)
+    chunked.load_state_dict(sstn.state_dict())
+    assert torch.allclose(full, chunked.distance(query, gallery, "transductive"), atol=1e-6)
+
+
+@pytest.mark.parametrize("self_loops", [False, True])
+@pytest.mark.parametrize("num_g", [1, 2, 4, 6])
+def test_single_query_with_a_gallery_no_larger_than_k(num_g, self_loops):
+    sstn = make_sstn(topk=6, self_loops=self_loops)
+    query, gallery = make_bank(3, seed=7), make_bank(num_g, seed=8)
+    single = sstn.distance(query, gallery, "single_query")
+    separate = torch.cat([sstn.distance(row(query, i), gallery, "transductive") for i in range(3)])
+    assert torch.allclose(single, separate, atol=1e-5)
