@@ -25,7 +25,7 @@ def parse_train_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", help="run directory (default: <output_dir>/<config>-<time>)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def find_resume_dir(cfg: Config, config_path: str | None, run_dir: str | None) -> Path:
