@@ -70,7 +70,7 @@ def train_main(argv: list[str] | None = None) -> int:
     device = resolve_device(cfg.train.device)
 
     from cmssft.engine.build import build_trainer, prepare_dataset
-    from cmssft.engine.evaluate import chance_line
+    from cmssft.engine.evaluate import ProtocolEvaluation, chance_line
 
     dataset = prepare_dataset(cfg)  # bad data fails here, before a run directory exists
     run_dir = run_dir or new_run_dir(cfg, args)
@@ -85,7 +85,8 @@ def train_main(argv: list[str] | None = None) -> int:
         LOG.info("resumed from %s at epoch %d", run_dir / LAST, trainer.state.epoch)
     trainer.fit()
     for evaluation in trainer.evaluators.values():
-        print(evaluation.table())
-        print(chance_line(evaluation.protocol))
+        if isinstance(evaluation, ProtocolEvaluation):
+            print(evaluation.table())
+            print(chance_line(evaluation.protocol))
     LOG.info("finished; checkpoints in %s", run_dir)
     return 0

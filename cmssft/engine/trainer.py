@@ -77,6 +77,7 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
         self.bad_steps = 0
+        self.latest_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -187,7 +188,7 @@ class Trainer:
         values["train/grad_norm"] = grad_norm
         for i, group in enumerate(self.optimizer.param_groups):
             values[f"lr/{group.get('name', i)}"] = group["lr"]
-        values.update({f"model/{k}": v for k, v in getattr(self, "latest_stats", {}).items()})
+        values.update({f"model/{k}": v for k, v in self.latest_stats.items()})
         self.metrics.scalars(values, self.state.step, epoch=self.state.epoch + 1)
 
     # ------------------------------------------------------------------ evaluation and selection
