@@ -14,14 +14,16 @@ import scipy.io
 from cmssft.data.datasets import load_dataset
 from cmssft.errors import UserError
 from cmssft.evaluation import protocols as P
+from tests.conftest import SHARED_DATA
 
-SHARED = Path("/work/shared/data")
+SHARED = SHARED_DATA  # the real split files beside the checkout
 REAL_PERM = SHARED / "sysu-mm01" / "exp" / "rand_perm_cam.mat"
 REAL_REGDB_IDX = SHARED / "regdb" / "idx"
 
 
-def make_sysu_tree(root: Path, counts: dict[int, tuple[int, ...]], train: list[int], val: list[int],
-                   test: list[int]) -> Path:
+def make_sysu_tree(
+    root: Path, counts: dict[int, tuple[int, ...]], train: list[int], val: list[int], test: list[int]
+) -> Path:
     """Empty-file SYSU-MM01 tree; ``counts[pid]`` = images in cameras 1..6."""
     for pid, per_cam in counts.items():
         for cam, n in enumerate(per_cam, start=1):
@@ -105,8 +107,11 @@ def perm_cells(counts: dict[int, tuple[int, ...]], seed: int = 0, rows: int = 10
         inner = np.empty((top, 1), dtype=object)
         for pid in range(1, top + 1):
             n = counts.get(pid, (0,) * 6)[cam]
-            inner[pid - 1, 0] = np.stack([rng.permutation(n) + 1 for _ in range(rows)]).astype(np.uint8) \
-                if n else np.zeros((rows, 0), dtype=np.uint8)
+            inner[pid - 1, 0] = (
+                np.stack([rng.permutation(n) + 1 for _ in range(rows)]).astype(np.uint8)
+                if n
+                else np.zeros((rows, 0), dtype=np.uint8)
+            )
         cells[cam, 0] = inner
     return cells
 
@@ -168,8 +173,10 @@ def test_real_rand_perm_file(tmp_path):
     (root / "exp" / "val_id.txt").write_text("1\n")
     shutil.copy(REAL_PERM, root / "exp" / "rand_perm_cam.mat")
     dataset = load_dataset("sysu_mm01", root)
-    sizes = {(mode, shots): len(P.sysu_official(dataset, mode=mode, shots=shots, trials=1).trials[0].gallery_idx)
-             for mode, shots in (("all", 1), ("indoor", 1), ("all", 10))}
+    sizes = {
+        (mode, shots): len(P.sysu_official(dataset, mode=mode, shots=shots, trials=1).trials[0].gallery_idx)
+        for mode, shots in (("all", 1), ("indoor", 1), ("all", 10))
+    }
     assert sizes == {("all", 1): 301, ("indoor", 1): 112, ("all", 10): 3010}
     official = P.sysu_official(dataset)
     assert len(official.trials[0].query_idx) == 3803
