@@ -22,25 +22,13 @@ from cmssft.engine.inference import extract_features, model_score_fn
 from cmssft.engine.metrics_log import MetricsLogger
 from cmssft.engine.trainer import EvaluateFn
 from cmssft.evaluation import protocols as P
-from cmssft.evaluation.cli import resolve_protocol
+from cmssft.evaluation.cli import build_protocol, resolve_protocol
 from cmssft.evaluation.evaluator import Evaluator
 from cmssft.evaluation.report import format_table, summarize
 from cmssft.evaluation.visualize import ranked_lists_image, save_png
 
 LOG = logging.getLogger("cmssft")
 PICTURE_QUERIES = 6
-
-
-def build_protocol(cfg: Config, dataset: CrossModalDataset, name: str) -> P.Protocol:
-    """The protocol ``name`` on ``dataset`` with the settings of ``cfg.eval``."""
-    e = cfg.eval
-    if name == "sysu":
-        return P.sysu_community(dataset, e.mode, e.trials)
-    if name == "sysu-official":
-        return P.sysu_official(dataset, None, e.mode, e.shots, e.trials)
-    if name == "regdb":
-        return P.regdb(dataset, cfg.data.trial, e.direction)
-    return P.custom(dataset)
 
 
 def validation_view(dataset: CrossModalDataset) -> CrossModalDataset | None:

@@ -100,16 +100,30 @@ def build_units(cfg: Config, name: str, args: argparse.Namespace) -> list[Unit]:
             units.append(Unit(dataset, P.regdb(dataset, t, e.direction), t))
         return units
     dataset = load_dataset(d.name, d.root, train_ids=d.train_ids, trial=d.trial, manifest=d.manifest)
+    protocol = build_protocol(cfg, dataset, name, perm_path=args.rand_perm, exclusion=args.exclusion)
+    return [Unit(dataset, protocol, -1)]
+
+
+def build_protocol(
+    cfg: Config,
+    dataset: CrossModalDataset,
+    name: str,
+    *,
+    perm_path: str | None = None,
+    exclusion: str = "same_camera",
+) -> P.Protocol:
+    """The protocol ``name`` on ``dataset`` with the settings of ``cfg.eval`` (RegDB: ``cfg.data.trial``)."""
+    e = cfg.eval
     if name == "sysu":
         if e.shots != 1:
             raise UserError("the community SYSU-MM01 protocol is single-shot; use --protocol sysu-official "
                             "for multi-shot (--shots 10)")
-        protocol = P.sysu_community(dataset, e.mode, e.trials)
-    elif name == "sysu-official":
-        protocol = P.sysu_official(dataset, args.rand_perm, e.mode, e.shots, e.trials)
-    else:
-        protocol = P.custom(dataset, args.exclusion)
-    return [Unit(dataset, protocol, -1)]
+        return P.sysu_community(dataset, e.mode, e.trials)
+    if name == "sysu-official":
+        return P.sysu_official(dataset, perm_path, e.mode, e.shots, e.trials)
+    if name == "regdb":
+        return P.regdb(dataset, cfg.data.trial, e.direction)
+    return P.custom(dataset, exclusion)
 
 
 def features_source(template: str, data_name: str) -> BankSource:
