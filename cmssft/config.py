@@ -54,6 +54,10 @@ class DataConfig:
     pad: int = 10
     random_erasing: float = 0.5
     channel_aug: float = 0.0  # probability of CAJ-style channel exchange / grayscale per RGB sample
+    prefetch_factor: int = 2  # batches each worker loads ahead (num_workers > 0 only)
+    cache: bool = False  # keep decoded, resized uint8 images in a memory-mapped file (no JPEG decode after epoch 1)
+    cache_dir: str = ""  # where the cache files live; empty: <output_dir>/cache
+    bad_images: Literal["stop", "skip"] = "stop"  # unreadable training image: stop, or skip it with a warning
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -72,6 +76,7 @@ class SSTNConfig:
     test_mode: Literal["transductive", "single_query", "off"] = "transductive"  # default score() mode
     off_features: Literal["shared", "concat"] = "shared"  # test_mode=off: shared only, or [shared, specific]
     chunk: int = 512  # rows (test nodes or queries) per block when scoring; bounds memory only
+    global_batch: bool = False  # distributed training: one graph over every process's batch (all-gather)
 
 
 @dataclass
@@ -138,15 +143,18 @@ class TrainConfig:
     eval_every: int = 10  # epochs; 0 evaluates only at the end
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False
+    channels_last: bool = True  # CUDA only: NHWC activations for faster convolutions
+    compile: bool = False  # wrap the model in torch.compile
     log_every: int = 20  # iterations between scalar logs
 
 
 @dataclass
 class EvalConfig:
-    protocol: Literal["auto", "sysu", "sysu-official", "regdb", "custom"] = "auto"
+    protocol: Literal["auto", "sysu", "sysu-official", "regdb", "llcm", "custom"] = "auto"
     mode: Literal["all", "indoor"] = "all"
     shots: int = 1
-    direction: Literal["v2t", "t2v"] = "v2t"
+    # auto: v2t for RegDB, ir2vis for LLCM. RegDB: v2t | t2v. LLCM: ir2vis | vis2ir (docs/EVALUATION.md)
+    direction: Literal["auto", "v2t", "t2v", "ir2vis", "vis2ir"] = "auto"
     trials: int = 10
     batch_size: int = 128
     rerank: bool = False

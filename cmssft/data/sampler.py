@@ -7,6 +7,7 @@ P x K groups.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -20,15 +21,18 @@ class KeyedBatchSampler:
 
     def __init__(self, sampler: CrossModalityIdentitySampler) -> None:
         self.sampler = sampler
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's draw; ``skip`` drops this process's first batches (resume mid-epoch)."""
         self.sampler.set_epoch(epoch)
+        self.skip = skip
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        return self.sampler.keyed_batches()
+        return itertools.islice(self.sampler.keyed_batches(), self.skip, None)
 
 
 class CrossModalityIdentitySampler:

@@ -21,7 +21,7 @@ from cmssft.engine.optim import build_optimizer, build_scheduler
 from cmssft.engine.trainer import Trainer
 
 LOG = logging.getLogger("cmssft")
-SYNTHETIC_LAYOUTS = {"sysu_mm01": "sysu", "regdb": "regdb"}
+SYNTHETIC_LAYOUTS = {"sysu_mm01": "sysu", "regdb": "regdb", "llcm": "llcm"}
 
 
 def prepare_dataset(cfg: Config) -> CrossModalDataset:

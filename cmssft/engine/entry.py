@@ -9,6 +9,7 @@ from pathlib import Path
 from cmssft.config import Config, load_config
 from cmssft.engine.checkpoint import LAST, load_checkpoint
 from cmssft.engine.run_dir import make_run_dir, setup_logging, write_run_config
+from cmssft.engine.signals import TrainingInterrupted
 from cmssft.errors import UserError
 from cmssft.utils.runtime import resolve_device, seed_everything
 
@@ -83,7 +84,11 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.resume:
         trainer.restore(load_checkpoint(run_dir / LAST, map_location=device))
         LOG.info("resumed from %s at epoch %d", run_dir / LAST, trainer.state.epoch)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingInterrupted as stop:
+        LOG.warning("%s", stop)
+        return stop.exit_code
     for evaluation in trainer.evaluators.values():
         if isinstance(evaluation, ProtocolEvaluation):
             print(evaluation.table())

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from cmssft.config import Config, config_to_dict
 from cmssft.engine.checkpoint import BEST, LAST, save_atomic
 from cmssft.engine.metrics_log import MetricsLogger
+from cmssft.engine.signals import StopSignals, TrainingInterrupted
 from cmssft.errors import UserError
 from cmssft.utils.runtime import rng_state, set_rng_state
 
@@ -42,6 +43,7 @@ class TrainState:
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken (or skipped) so far
+    batch: int = 0  # batches of the current epoch done (non-zero only in a checkpoint saved mid-epoch)
     best_value: float = -math.inf
     best_epoch: int = -1
     history: list[dict] = field(default_factory=list)
@@ -78,6 +80,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
         self.bad_steps = 0
         self.latest_stats: dict[str, float] = {}
+        self.signals = StopSignals()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -117,13 +120,18 @@ class Trainer:
         return len(self.loader)
 
     def fit(self) -> TrainState:
+        """Train to ``train.epochs``; SIGINT/SIGTERM save ``last.pth`` and raise :class:`TrainingInterrupted`."""
         total = self.cfg.train.epochs * self.iters_per_epoch
-        bar = tqdm(total=total, initial=self.state.epoch * self.iters_per_epoch, desc="train", dynamic_ncols=True)
+        initial = self.state.epoch * self.iters_per_epoch + self.state.batch
+        bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
         try:
-            while self.state.epoch < self.cfg.train.epochs:
-                self.train_epoch(bar)
-                self.state.epoch += 1
-                self.end_of_epoch()
+            with self.signals:
+                while self.state.epoch < self.cfg.train.epochs:
+                    self.train_epoch(bar)
+                    self.state.epoch += 1
+                    self.state.batch = 0
+                    self.end_of_epoch()
+                    self.stop_if_signalled()
         finally:
             bar.close()
             if self.metrics is not None:
@@ -132,11 +140,14 @@ class Trainer:
 
     def train_epoch(self, bar: tqdm) -> None:
         self.model.train()
-        self.loader.batch_sampler.set_epoch(self.state.epoch)
+        self.loader.batch_sampler.set_epoch(self.state.epoch, skip=self.state.batch)
         for batch in self.loader:
             terms, grad_norm = self.train_step(batch)
             self.state.step += 1
+            self.state.batch += 1
             bar.update(1)
+            if self.state.batch < self.iters_per_epoch:  # at the epoch's end, end_of_epoch saves first
+                self.stop_if_signalled()
             if terms is not None:
                 bar.set_postfix(epoch=self.state.epoch + 1, loss=f"{terms['total']:.3f}", refresh=False)
                 if self.state.step % self.cfg.train.log_every == 0 or self.state.step == 1:
@@ -180,6 +191,11 @@ class Trainer:
                 f"the loss was non-finite for {MAX_BAD_STEPS} steps in a row; stopped. "
                 f"The last good checkpoint is {self.run_dir / LAST} (try a lower train.lr or train.grad_clip)"
             )
+
+    def stop_if_signalled(self) -> None:
+        if self.signals.signum is not None:
+            path = self.save(LAST)
+            raise TrainingInterrupted(self.signals.signum, str(path))
 
     def log_step(self, terms: dict[str, float], grad_norm: float) -> None:
         if self.metrics is None:

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["sysu", "sysu-official", "regdb", "custom"])
     p.add_argument("--mode", choices=["all", "indoor"], help="SYSU-MM01 search mode")
     p.add_argument("--shots", type=int, choices=[1, 10], help="SYSU-MM01 gallery images per id and camera")
-    p.add_argument("--direction", choices=["v2t", "t2v"], help="RegDB visible->thermal or thermal->visible")
+    p.add_argument(
+        "--direction", choices=["v2t", "t2v", "ir2vis", "vis2ir"], help="RegDB: v2t | t2v; LLCM: ir2vis | vis2ir"
+    )
     p.add_argument("--trials", type=int, help="number of trials (SYSU 0..N-1, RegDB 1..N)")
     p.add_argument("--trial", type=int, help="RegDB: evaluate this one trial only")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
@@ -179,7 +181,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
                     rerank=cfg.eval.rerank)
     if name == "regdb":
         settings["description"] = f"RegDB trials {', '.join(str(u.trial) for u in units)}, " \
-                                  f"{'visible->thermal' if cfg.eval.direction == 'v2t' else 'thermal->visible'}"
+                                  f"{'thermal->visible' if cfg.eval.direction == 't2v' else 'visible->thermal'}"
     return summarize(name, results, settings)
 
 

@@ -35,7 +35,7 @@ SYSU_QUERY_CAMERAS = (3, 6)
 SYSU_NUM_TRIALS = 10
 SYSU_CAMERAS = 6
 
-Direction = Literal["v2t", "t2v"]
+Direction = Literal["auto", "v2t", "t2v"]
 Mode = Literal["all", "indoor"]
 
 
@@ -251,8 +251,9 @@ def regdb(dataset: CrossModalDataset, trial: int, direction: Direction = "v2t") 
     """One RegDB trial: the trial's test_visible / test_thermal files as loaded, in file order.
 
     ``v2t`` queries the visible candidates against the thermal ones, ``t2v`` the
-    reverse. No exclusion, standard (non-deduplicated) CMC, like ``eval_regdb``.
+    reverse (``auto`` is ``v2t``). No exclusion, standard (non-deduplicated) CMC, like ``eval_regdb``.
     """
+    direction = "v2t" if direction == "auto" else direction
     if direction not in ("v2t", "t2v"):
         raise UserError(f"RegDB direction must be v2t or t2v, got {direction!r}")
     visible = np.arange(len(dataset.query), dtype=np.int64)
