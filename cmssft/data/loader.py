@@ -21,14 +21,28 @@ from cmssft.data.sampler import CrossModalityIdentitySampler, KeyedBatchSampler,
 from cmssft.data.transforms import build_eval_transform, build_train_transform, read_image
 
 Transform = Callable[[np.ndarray, Modality, torch.Generator | None], torch.Tensor]
+# Pixels of sample ``index``: uint8 [H, W, 3] (IR replicated to 3 channels), any size.
+ImageReader = Callable[[int], np.ndarray]
+
+
+class DiskReader:
+    """Decodes the image file of a sample on every call."""
+
+    def __init__(self, samples: Sequence[Sample]) -> None:
+        self.samples = list(samples)
+
+    def __call__(self, index: int) -> np.ndarray:
+        sample = self.samples[index]
+        return read_image(sample.path, sample.modality)
 
 
 class ImageDataset(Dataset):
-    """Reads and transforms one sample at a time."""
+    """Reads (through ``reader``: disk, cache, bad-image policy) and transforms one sample at a time."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Transform) -> None:
+    def __init__(self, samples: Sequence[Sample], transform: Transform, reader: ImageReader | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.reader = reader or DiskReader(self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -37,7 +51,7 @@ class ImageDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         sample = self.samples[index]
-        image = read_image(sample.path, sample.modality)
+        image = self.reader(index)
         return {
             "image": self.transform(image, sample.modality, generator),
             "label": sample.label,
