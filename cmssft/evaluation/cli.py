@@ -20,8 +20,9 @@ from cmssft.evaluation.report import format_table, summarize, write_json
 
 log = logging.getLogger("cmssft.eval")
 
-PROTOCOL_DATASET = {"sysu": "sysu_mm01", "sysu-official": "sysu_mm01", "regdb": "regdb", "custom": "custom"}
-AUTO_PROTOCOL = {"sysu_mm01": "sysu", "regdb": "regdb", "custom": "custom"}
+PROTOCOL_DATASET = {"sysu": "sysu_mm01", "sysu-official": "sysu_mm01", "regdb": "regdb", "llcm": "llcm",
+                    "custom": "custom"}
+AUTO_PROTOCOL = {"sysu_mm01": "sysu", "regdb": "regdb", "llcm": "llcm", "custom": "custom"}
 REGDB_TRIALS = 10
 
 BankSource = Callable[[CrossModalDataset, P.Protocol, int], tuple[Bank, "ScoreFn | None"]]
@@ -29,18 +30,18 @@ BankSource = Callable[[CrossModalDataset, P.Protocol, int], tuple[Bank, "ScoreFn
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval.py", description="Evaluate features or a checkpoint under a "
-                                "SYSU-MM01 / RegDB / custom protocol.")
+                                "SYSU-MM01 / RegDB / LLCM / custom protocol.")
     p.add_argument("--config", required=True, help="YAML config (the run's config.yaml works)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="model checkpoint; '{trial}' in the name picks RegDB's per-trial model")
     src.add_argument("--features", help="npz with 'paths' and 'features'; '{trial}' for RegDB per-trial files")
-    p.add_argument("--protocol", choices=["sysu", "sysu-official", "regdb", "custom"])
+    p.add_argument("--protocol", choices=["sysu", "sysu-official", "regdb", "llcm", "custom"])
     p.add_argument("--mode", choices=["all", "indoor"], help="SYSU-MM01 search mode")
     p.add_argument("--shots", type=int, choices=[1, 10], help="SYSU-MM01 gallery images per id and camera")
     p.add_argument(
         "--direction", choices=["v2t", "t2v", "ir2vis", "vis2ir"], help="RegDB: v2t | t2v; LLCM: ir2vis | vis2ir"
     )
-    p.add_argument("--trials", type=int, help="number of trials (SYSU 0..N-1, RegDB 1..N)")
+    p.add_argument("--trials", type=int, help="number of trials (SYSU, LLCM 0..N-1, RegDB 1..N)")
     p.add_argument("--trial", type=int, help="RegDB: evaluate this one trial only")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
     p.add_argument("--rand-perm", help="official protocol: rand_perm_cam.mat (default <root>/exp/)")
@@ -125,7 +126,19 @@ def build_protocol(
         return P.sysu_official(dataset, perm_path, e.mode, e.shots, e.trials)
     if name == "regdb":
         return P.regdb(dataset, cfg.data.trial, e.direction)
+    if name == "llcm":
+        return build_llcm(cfg, dataset)
     return P.custom(dataset, exclusion)
+
+
+def build_llcm(cfg: Config, dataset: CrossModalDataset) -> P.Protocol:
+    """LLCM takes only a direction and a number of trials; SYSU-MM01's search options are mistakes here."""
+    e = cfg.eval
+    if e.shots != 1:
+        raise UserError(f"the LLCM protocol is single-shot; --shots {e.shots} is for --protocol sysu-official")
+    if e.mode != "all":
+        raise UserError(f"--mode {e.mode} is a SYSU-MM01 search mode; LLCM takes --direction ir2vis|vis2ir")
+    return P.llcm(dataset, e.trials, e.direction)  # type: ignore[arg-type]  (RegDB directions raise there)
 
 
 def features_source(template: str, data_name: str) -> BankSource:

@@ -13,6 +13,7 @@ Implemented (details and how they match the reference code: docs/EVALUATION.md):
   (the AGW baseline's ``random.seed(trial)`` + ``random.choice`` gallery);
 - :func:`sysu_official`: SYSU-MM01 with the dataset authors' ``rand_perm_cam.mat``;
 - :func:`regdb`: one RegDB trial, visible->thermal or thermal->visible;
+- :func:`llcm`: LLCM as its authors' code evaluates it, IR->VIS or "VIS->IR";
 - :func:`custom`: a manifest's query and gallery rows.
 """
 
@@ -26,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from cmssft.data.records import CrossModalDataset, Sample
+from cmssft.data.records import CrossModalDataset, Modality, Sample
 from cmssft.errors import UserError
 from cmssft.evaluation.metrics import ExclusionName
 
@@ -34,8 +35,12 @@ SYSU_GALLERY_CAMERAS = {"all": (1, 2, 4, 5), "indoor": (1, 2)}
 SYSU_QUERY_CAMERAS = (3, 6)
 SYSU_NUM_TRIALS = 10
 SYSU_CAMERAS = 6
+LLCM_VIS_CAMERAS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+LLCM_NIR_CAMERAS = (1, 2, 4, 5, 6, 7, 8, 9)
+LLCM_NUM_TRIALS = 10
 
 Direction = Literal["auto", "v2t", "t2v"]
+LLCMDirection = Literal["auto", "ir2vis", "vis2ir"]
 Mode = Literal["all", "indoor"]
 
 
@@ -52,7 +57,7 @@ class Trial:
 class Protocol:
     """Candidates, trials and the metric settings that go with them."""
 
-    name: str  # sysu | sysu-official | regdb | custom
+    name: str  # sysu | sysu-official | regdb | llcm | custom
     description: str  # e.g. "SYSU-MM01 community, all-search, single-shot"
     candidates: list[Sample]
     trials: list[Trial]
@@ -255,7 +260,7 @@ def regdb(dataset: CrossModalDataset, trial: int, direction: Direction = "v2t") 
     """
     direction = "v2t" if direction == "auto" else direction
     if direction not in ("v2t", "t2v"):
-        raise UserError(f"RegDB direction must be v2t or t2v, got {direction!r}")
+        raise UserError(f"RegDB direction must be v2t or t2v, got {direction!r} (ir2vis/vis2ir are LLCM's)")
     visible = np.arange(len(dataset.query), dtype=np.int64)
     thermal = len(dataset.query) + np.arange(len(dataset.gallery), dtype=np.int64)
     q, g = (visible, thermal) if direction == "v2t" else (thermal, visible)
@@ -268,6 +273,63 @@ def regdb(dataset: CrossModalDataset, trial: int, direction: Direction = "v2t") 
         exclusion="none",
         dedup=False,
         settings={"direction": direction},
+    )
+
+
+def llcm_draw_order(candidates: Sequence[Sample], modality: Modality) -> list[list[int]]:
+    """Candidate indices of ``modality`` grouped per (id, camera): id ascending, camera in the reference's
+    order, files sorted by path. One ``random.choice`` per group draws a single-shot set."""
+    cameras = LLCM_VIS_CAMERAS if modality == Modality.RGB else LLCM_NIR_CAMERAS
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(candidates):
+        if s.modality == modality and s.camid in cameras:
+            groups.setdefault((s.pid, s.camid), []).append(i)
+    for members in groups.values():  # sorted(os.listdir()) order, whatever the loader did
+        members.sort(key=lambda j: candidates[j].path)
+    return [groups[(pid, cam)] for pid in sorted({p for p, _ in groups}) for cam in cameras if (pid, cam) in groups]
+
+
+def llcm(dataset: CrossModalDataset, trials: int = LLCM_NUM_TRIALS, direction: LLCMDirection = "ir2vis") -> Protocol:
+    """LLCM, draw for draw as the dataset authors' ``process_*_llcm`` + ``eval_llcm`` + ``test.py`` do.
+
+    The *full* side is every test image of one modality (id ascending, camera order, sorted files);
+    the *sampled* side is, for trial t = 0..trials-1, one ``random.Random(t).choice`` per test id
+    and camera of the other modality (VIS cameras 1..9, NIR 1, 2, 4..9), id-major.
+
+    - ``ir2vis`` (``auto``): every NIR image queries the sampled VIS gallery;
+    - ``vis2ir``: the reference samples the NIR side and swaps the roles when scoring, so the
+      *sampled NIR images are the queries* and *every VIS image is the gallery*.
+
+    Exclusion ``same_camera`` (same identity and same camera index, across modalities); rank-k on
+    the identity-deduplicated list, AP/INP on the full list.
+    """
+    direction = "ir2vis" if direction == "auto" else direction
+    if direction not in ("ir2vis", "vis2ir"):
+        raise UserError(f"LLCM direction must be ir2vis or vis2ir, got {direction!r} (v2t/t2v are RegDB's)")
+    candidates = candidates_of(dataset)
+    full = Modality.IR if direction == "ir2vis" else Modality.RGB
+    sampled = Modality.RGB if direction == "ir2vis" else Modality.IR
+    full_idx = _indices([i for i, s in enumerate(candidates) if s.modality == full])
+    draw_order = llcm_draw_order(candidates, sampled)
+    if len(full_idx) == 0 or not draw_order:
+        raise UserError(f"dataset {dataset.name} lacks visible or near-infrared test candidates for LLCM")
+    out = []
+    for t in range(trials):
+        rng = random.Random(t)
+        drawn = _indices([rng.choice(files) for files in draw_order])
+        out.append(Trial(t, full_idx, drawn) if direction == "ir2vis" else Trial(t, drawn, full_idx))
+    if direction == "ir2vis":
+        description = "LLCM IR->VIS: all NIR queries, one VIS image per id and camera"
+    else:
+        description = "LLCM VIS->IR (reference): one NIR query per id and camera, all VIS images as gallery"
+    return Protocol(
+        name="llcm",
+        description=description,
+        candidates=candidates,
+        trials=out,
+        exclusion="same_camera",
+        dedup=True,
+        settings={"direction": direction, "shots": 1},
     )
 
 

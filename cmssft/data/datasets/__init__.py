@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cmssft.config import DataConfig
-from cmssft.data.datasets import custom, regdb, sysu_mm01  # noqa: F401  (registers the loaders)
+from cmssft.data.datasets import custom, llcm, regdb, sysu_mm01  # noqa: F401  (registers the loaders)
 from cmssft.data.records import CrossModalDataset, Sample
 from cmssft.errors import DatasetError
 from cmssft.registry import DATASETS
@@ -16,6 +16,7 @@ from cmssft.registry import DATASETS
 _PATH_PARSERS = {
     "sysu_mm01": sysu_mm01.parse_path,
     "regdb": regdb.parse_path,
+    "llcm": llcm.parse_path,
 }
 
 

@@ -2,7 +2,7 @@
 
 Persons are drawn from per-identity trait vectors (shared shape and layout,
 RGB-only colours, IR-only emissions) with per-camera and per-image nuisance,
-and written in the exact SYSU-MM01 or RegDB layout so the real loaders read
+and written in the exact SYSU-MM01, RegDB or LLCM layout so the real loaders read
 them unchanged. See docs/SYNTHETIC.md.
 """
 

@@ -1,4 +1,4 @@
-"""``python -m cmssft.data.synthetic --layout {sysu,regdb} --out DIR ...``: write a synthetic dataset."""
+"""``python -m cmssft.data.synthetic --layout {sysu,regdb,llcm} --out DIR ...``: write a synthetic dataset."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m cmssft.data.synthetic", description=__doc__)
     parser.add_argument("--layout", required=True, choices=LAYOUTS, help="folder layout to write")
     parser.add_argument("--out", required=True, help="dataset root to create")
-    parser.add_argument("--ids", type=int, default=None, help="identities (default 32 sysu, 40 regdb)")
+    parser.add_argument("--ids", type=int, default=None, help="identities (default 32 sysu, 40 regdb, 24 llcm)")
     parser.add_argument("--size", default="128x64", help="image HEIGHTxWIDTH (default 128x64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--difficulty", type=float, default=0.5, help="0 (easy) .. 1 (hard), default 0.5")

@@ -24,16 +24,17 @@ from cmssft.data.synthetic.render import camera_style, draw_geometry, render_ima
 from cmssft.data.synthetic.traits import TAG_FRAME, TAG_IMAGE, difficulty_params, make_identity
 from cmssft.errors import UserError
 
-LAYOUTS = ("sysu", "regdb")
-LAYOUT_ALIASES = {"sysu": "sysu", "sysu_mm01": "sysu", "sysu-mm01": "sysu", "regdb": "regdb"}
-DEFAULT_IDS = {"sysu": 32, "regdb": 40}
-MIN_IDS = {"sysu": 6, "regdb": 2}
+LAYOUTS = ("sysu", "regdb", "llcm")
+LAYOUT_ALIASES = {"sysu": "sysu", "sysu_mm01": "sysu", "sysu-mm01": "sysu", "regdb": "regdb", "llcm": "llcm"}
+DEFAULT_IDS = {"sysu": 32, "regdb": 40, "llcm": 24}
+MIN_IDS = {"sysu": 6, "regdb": 2, "llcm": 4}
 MAX_IDS = 100_000
 JPEG_QUALITY = 92
 MIN_SIZE, MAX_SIZE = 16, 2048
 LAYOUT_ENTRIES = {
     "sysu": tuple(f"cam{c}" for c in layouts.SYSU_CAMERAS) + ("exp",),
     "regdb": ("Visible", "Thermal", "idx"),
+    "llcm": ("vis", "nir", "test_vis", "test_nir", "idx"),
 }
 
 
@@ -118,15 +119,25 @@ def _sysu_tables(spec: Spec) -> tuple[dict[int, tuple[int, ...]], dict[str, list
     return layouts.small_sysu_counts(spec.ids, spec.seed), layouts.small_sysu_splits(spec.ids, spec.seed)
 
 
+def _llcm_plan(spec: Spec) -> tuple[list[PlannedFile], list[int]]:
+    assert spec.ids is not None
+    _, test_ids = layouts.small_llcm_split(spec.ids, spec.seed)
+    return layouts.plan_llcm(layouts.llcm_recordings(spec.ids, spec.seed), test_ids), test_ids
+
+
 def _plan(spec: Spec) -> list[PlannedFile]:
     if spec.layout == "regdb":
         return layouts.plan_regdb(_regdb_identities(spec))
+    if spec.layout == "llcm":
+        return _llcm_plan(spec)[0]
     return layouts.plan_sysu(*_sysu_tables(spec))
 
 
 def _metadata(spec: Spec) -> dict[str, str]:
     if spec.layout == "regdb":
         return layouts.regdb_index_texts(_regdb_identities(spec), spec.seed)
+    if spec.layout == "llcm":
+        return layouts.llcm_index_texts(*_llcm_plan(spec))
     return layouts.sysu_split_texts(_sysu_tables(spec)[1])
 
 
@@ -173,11 +184,14 @@ def render_file(spec: Spec, f: PlannedFile, context: dict | None = None) -> tupl
     if ("id", f.pid) not in cache:
         cache[("id", f.pid)] = make_identity(spec.seed, f.pid, params)
     ident = cache[("id", f.pid)]
-    if ("cam", f.camera) not in cache:
+    if ("cam", f.camera, f.modality) not in cache:  # LLCM: one camera number, two modalities
         indoor = spec.layout == "sysu" and f.camera in layouts.SYSU_INDOOR
-        cache[("cam", f.camera)] = camera_style(spec.seed, f.camera, f.modality, indoor, params)
-    style = cache[("cam", f.camera)]
-    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, TAG_IMAGE, f.pid, f.camera, f.index]))
+        cache[("cam", f.camera, f.modality)] = camera_style(spec.seed, f.camera, f.modality, indoor, params)
+    style = cache[("cam", f.camera, f.modality)]
+    entropy = [spec.seed, TAG_IMAGE, f.pid, f.camera, f.index]
+    if spec.layout == "llcm":  # day (visible) and night (NIR) images of one camera are different moments
+        entropy.append(int(f.modality))
+    rng = np.random.default_rng(np.random.SeedSequence(entropy))
     if spec.layout == "regdb":  # a visible/thermal pair is one moment seen by two sensors
         view = layouts.regdb_identity(f.pid, ident.female, spec.seed).view
         frame_rng = np.random.default_rng(np.random.SeedSequence([spec.seed, TAG_FRAME, f.pid, f.index]))

@@ -1,4 +1,4 @@
-"""Which files a synthetic dataset has, in the exact layouts of SYSU-MM01 and RegDB.
+"""Which files a synthetic dataset has, in the exact layouts of SYSU-MM01, RegDB and LLCM.
 
 Everything here is cheap (no rendering): the file plan, the split / index text
 files and SYSU-MM01's ``exp/rand_perm_cam.mat``. ``--like-sysu`` copies the real
@@ -25,6 +25,10 @@ SYSU_SPLITS = ("train", "val", "test")
 REGDB_VISIBLE, REGDB_THERMAL = 1, 2
 REGDB_IMAGES = 10
 REGDB_TRIALS = range(1, 11)
+LLCM_VIS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+LLCM_NIR = (1, 2, 4, 5, 6, 7, 8, 9)  # as in the real test set: no NIR camera 3
+LLCM_TEST_SHARE = 0.33  # 351 of 1,064 identities
+LLCM_STREAM = 3  # keeps LLCM's layout stream apart from the other layouts' (same tag, same pid)
 PERM_ROWS = 10
 MAT_HEADER = b"MATLAB 5.0 MAT-file, written by cmssft.data.synthetic"
 
@@ -35,10 +39,10 @@ class PlannedFile:
 
     path: str  # relative to the dataset root, forward slashes
     pid: int
-    camera: int  # SYSU-MM01: 1..6; RegDB: 1 visible, 2 thermal
+    camera: int  # SYSU-MM01: 1..6; RegDB: 1 visible, 2 thermal; LLCM: 1..9 in either modality
     modality: Modality
-    index: int  # SYSU-MM01: 1-based image number; RegDB: 0-based frame position (0..9)
-    split: str = ""  # SYSU-MM01: train / val / test / none; RegDB: empty (splits vary by trial)
+    index: int  # SYSU-MM01: 1-based image number; RegDB: 0-based frame position (0..9); LLCM: 0-based per camera
+    split: str = ""  # SYSU-MM01: train / val / test / none; RegDB: empty (splits vary by trial); LLCM: train / test
 
 
 def sysu_modality(camera: int) -> Modality:
@@ -220,4 +224,84 @@ def regdb_index_texts(identities: list[RegDBIdentity], seed: int) -> dict[str, s
                     for k in range(REGDB_IMAGES)
                 ]
                 texts[f"idx/{part}_{name}_{trial}.txt"] = "".join(lines)
+    return texts
+
+
+# --------------------------------------------------------------------------- LLCM
+
+
+@dataclass(frozen=True)
+class LLCMRecording:
+    """One identity seen by one camera in one modality: how many images, and how they are named."""
+
+    pid: int
+    camera: int
+    modality: Modality
+    count: int
+    clock: int  # hhmmss of the recording (the ``s`` field of the file name)
+    frames: tuple[int, ...]  # frame numbers (the ``f`` field), one per image
+
+
+def small_llcm_split(ids: int, seed: int) -> tuple[list[int], list[int]]:
+    """Ids 1..N shuffled by seed into about two thirds train and one third test, at least 2 each."""
+    test = min(ids - 2, max(2, round(LLCM_TEST_SHARE * ids)))
+    order = np.random.default_rng(np.random.SeedSequence([seed, TAG_SPLIT, LLCM_STREAM])).permutation(ids) + 1
+    return sorted(order[test:].tolist()), sorted(order[:test].tolist())
+
+
+def _llcm_cameras(rng: np.random.Generator, cameras: tuple[int, ...]) -> list[int]:
+    """Two to four of ``cameras``: every identity misses most (id, camera) folders, as in the real data."""
+    count = int(rng.integers(2, 5))
+    return sorted(int(c) for c in rng.choice(cameras, size=count, replace=False))
+
+
+def llcm_recordings(ids: int, seed: int) -> list[LLCMRecording]:
+    """Per identity: two to four visible and two to four NIR cameras, two to four images each.
+
+    Two cameras per modality keep every query answerable after the same-identity same-camera exclusion.
+    """
+    out = []
+    for pid in range(1, ids + 1):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, TAG_LAYOUT, LLCM_STREAM, pid]))
+        for modality, cameras in ((Modality.RGB, LLCM_VIS), (Modality.IR, LLCM_NIR)):
+            hours = (8, 17) if modality == Modality.RGB else (18, 23)  # visible by day, NIR at night
+            for cam in _llcm_cameras(rng, cameras):
+                count = int(rng.integers(2, 5))
+                clock = int(rng.integers(*hours)) * 10000 + int(rng.integers(60)) * 100 + int(rng.integers(60))
+                start, step = int(rng.integers(100, 9000)), int(rng.integers(5, 40))
+                frames = tuple(start + step * k for k in range(count))
+                out.append(LLCMRecording(pid, cam, modality, count, clock, frames))
+    return out
+
+
+def llcm_path(rec: LLCMRecording, k: int, split: str) -> str:
+    """``nir/0001/0001_c01_s185535_f7010_nir.jpg`` (train) or ``test_nir/cam1/0001/...`` (test)."""
+    side = "vis" if rec.modality == Modality.RGB else "nir"
+    name = f"{rec.pid:04d}_c{rec.camera:02d}_s{rec.clock:06d}_f{rec.frames[k]}_{side}.jpg"
+    if split == "test":
+        return f"test_{side}/cam{rec.camera}/{rec.pid:04d}/{name}"
+    return f"{side}/{rec.pid:04d}/{name}"
+
+
+def plan_llcm(recordings: list[LLCMRecording], test_ids: list[int]) -> list[PlannedFile]:
+    """Every recording's images, identity-major, in the train or test tree of its identity."""
+    test = set(test_ids)
+    files = []
+    for rec in recordings:
+        split = "test" if rec.pid in test else "train"
+        files.extend(PlannedFile(llcm_path(rec, k, split), rec.pid, rec.camera, rec.modality, k, split)
+                     for k in range(rec.count))
+    return files
+
+
+def llcm_index_texts(files: list[PlannedFile], test_ids: list[int]) -> dict[str, str]:
+    """``idx/{train,test}_{vis,nir}.txt`` (``path label``, labels 0..n-1 in ascending id order, lines in
+    sorted path order) and ``idx/test_id.txt`` (one line of comma-separated ids)."""
+    texts = {"idx/test_id.txt": ",".join(str(p) for p in sorted(test_ids)) + "\n"}
+    for split in ("train", "test"):
+        chosen = [f for f in files if f.split == split]
+        label_of = {pid: i for i, pid in enumerate(sorted({f.pid for f in chosen}))}
+        for modality, side in ((Modality.RGB, "vis"), (Modality.IR, "nir")):
+            lines = sorted(f"{f.path} {label_of[f.pid]}\n" for f in chosen if f.modality == modality)
+            texts[f"idx/{split}_{side}.txt"] = "".join(lines)
     return texts
