@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -190,8 +191,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Validate a nested dict against :class:`Config`."""
-    return _build(Config, raw, prefix="")
+    """Validate a nested dict against :class:`Config` (keys, types, then value ranges)."""
+    cfg = _build(Config, raw, prefix="")
+    _check_combinations(cfg)
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -336,7 +339,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else _coerce(value, args[0], key)
-    return _coerce_scalar(value, tp, key)
+    return _check_range(_coerce_scalar(value, tp, key), key)
 
 
 def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
@@ -362,7 +365,10 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise bad
         if isinstance(value, (int, float)):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond float range
+                raise bad from None
         if isinstance(value, str):  # YAML reads 3e-4 as a string
             try:
                 return float(value)
@@ -376,3 +382,106 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise bad
     raise bad
+
+
+# --------------------------------------------------------------------------- value ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed numeric values: ``low``..``high``, either end excluded on request; infinity is never allowed."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        try:
+            if not math.isfinite(value):
+                return False
+        except OverflowError:  # an int beyond float range
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high == math.inf:
+            return f"{'>' if self.open_low else '>='} {low}"
+        return f"{'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if math.isfinite(x) and float(x).is_integer() else f"{x:g}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, open_low=True)
+PROBABILITY, IMAGE_SIDE = Range(0, 1), Range(16)
+# Keys (list items share their list's key; "a.*" covers every key of section a) and what they allow.
+RANGES: dict[str, Range] = {
+    "seed": Range(0, 2**32 - 1),  # NumPy's legacy seeding takes 32 bits
+    "data.trial": AT_LEAST_1,
+    "data.height": IMAGE_SIDE,
+    "data.width": IMAGE_SIDE,
+    "data.ids_per_batch": AT_LEAST_1,
+    "data.images_per_id": AT_LEAST_1,
+    "data.num_workers": AT_LEAST_0,
+    "data.flip": PROBABILITY,
+    "data.pad": AT_LEAST_0,
+    "data.random_erasing": PROBABILITY,
+    "data.channel_aug": PROBABILITY,
+    "data.prefetch_factor": AT_LEAST_1,
+    "data.synthetic.height": IMAGE_SIDE,
+    "data.synthetic.width": IMAGE_SIDE,
+    "data.synthetic.seed": AT_LEAST_0,
+    "data.synthetic.difficulty": PROBABILITY,
+    "model.download_timeout": POSITIVE,
+    "model.last_stride": Range(1, 2),
+    "model.gem_p": POSITIVE,
+    "model.grl_modality": AT_LEAST_0,
+    "model.grl_project": AT_LEAST_0,
+    "model.head_hidden": AT_LEAST_1,
+    "model.recon_downsample": AT_LEAST_1,
+    "model.sstn.topk": AT_LEAST_1,
+    "model.sstn.temperature": POSITIVE,
+    "model.sstn.affinity_dim": AT_LEAST_0,
+    "model.sstn.fused_dim": AT_LEAST_0,
+    "model.sstn.chunk": AT_LEAST_1,
+    "loss.label_smoothing": Range(0, 1, open_high=True),
+    "loss.triplet_margin": AT_LEAST_0,
+    "loss.hard_negatives": AT_LEAST_1,
+    "loss.weights.*": AT_LEAST_0,
+    "train.epochs": AT_LEAST_1,
+    "train.iters_per_epoch": AT_LEAST_0,
+    "train.lr": POSITIVE,
+    "train.backbone_lr_mult": AT_LEAST_0,
+    "train.weight_decay": AT_LEAST_0,
+    "train.momentum": Range(0, 1, open_high=True),
+    "train.warmup_epochs": AT_LEAST_0,
+    "train.milestones": AT_LEAST_0,
+    "train.gamma": POSITIVE,
+    "train.grad_clip": AT_LEAST_0,
+    "train.eval_every": AT_LEAST_0,
+    "train.log_every": AT_LEAST_1,
+    "eval.shots": AT_LEAST_1,
+    "eval.trials": AT_LEAST_1,
+    "eval.batch_size": AT_LEAST_1,
+}
+
+
+def _check_range(value: Any, key: str) -> Any:
+    """``value`` if ``key`` allows it; a one-line :class:`ConfigError` naming the key and the range otherwise."""
+    name = key.split("[", 1)[0]
+    allowed = RANGES.get(name) or RANGES.get(name.rsplit(".", 1)[0] + ".*")
+    if allowed is not None and not isinstance(value, (bool, str)) and value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed: {allowed}")
+    return value
+
+
+def _check_combinations(cfg: Config) -> None:
+    """Rules that involve more than one key."""
+    if cfg.train.optimizer == "sgd" and cfg.train.momentum <= 0:
+        raise ConfigError("train.momentum: 0 is out of range for train.optimizer=sgd (Nesterov momentum); "
+                          "allowed: (0, 1)")

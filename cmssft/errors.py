@@ -26,6 +26,15 @@ class DatasetError(UserError):
     """A dataset tree, split file or manifest that cannot be read."""
 
 
+def one_line(message: str) -> str:
+    """The user's message alone: a DataLoader worker wraps it in "Caught ... Original Traceback ..."."""
+    if "\nOriginal Traceback" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    _, sep, text = last.partition(": ")  # "cmssft.errors.DatasetError: cannot read image ..."
+    return text if sep else last
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run ``main`` and turn a :class:`UserError` into one line and exit code 2.
 
@@ -41,5 +50,5 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         if debug:
             raise
         logging.getLogger("cmssft").debug("user error", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR

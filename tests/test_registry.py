@@ -10,7 +10,7 @@ def test_builtin_datasets_are_registered():
 
 
 def test_unknown_name_lists_registered_ones():
-    with pytest.raises(UserError, match="registered: custom, regdb, sysu_mm01"):
+    with pytest.raises(UserError, match="registered: custom, llcm, regdb, sysu_mm01"):
         load_dataset("market", "/nowhere")
 
 

@@ -9,12 +9,14 @@ statistics.
 from __future__ import annotations
 
 import math
+import os
 
 import cv2
 import numpy as np
 import torch
 
 from cmssft.config import DataConfig
+from cmssft.data.bad_images import bytes_problem
 from cmssft.data.records import Modality
 from cmssft.errors import DatasetError
 
@@ -23,11 +25,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def read_image(path: str, modality: Modality) -> np.ndarray:
-    """uint8 [H, W, 3] in RGB order; IR as gray replicated to 3 channels."""
+    """uint8 [H, W, 3] in RGB order; IR as gray replicated to 3 channels.
+
+    Missing, empty, truncated and undecodable files raise a :class:`DatasetError` naming the file
+    (OpenCV alone would decode a truncated JPEG into partly gray pixels; see :mod:`cmssft.data.bad_images`).
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, ValueError) as err:  # ValueError: a NUL character in the path
+        raise DatasetError(f"cannot read image {path} ({getattr(err, 'strerror', None) or err})") from None
+    problem = bytes_problem(data, os.path.basename(path))
+    if problem is not None:
+        raise DatasetError(f"cannot read image {path} ({problem})")
     flag = cv2.IMREAD_GRAYSCALE if modality == Modality.IR else cv2.IMREAD_COLOR
-    image = cv2.imread(path, flag)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if image is None:
-        raise DatasetError(f"cannot read image {path} (missing, empty or corrupt)")
+        raise DatasetError(f"cannot read image {path} (corrupt: the decoder rejects it)")
     if modality == Modality.IR:
         return np.repeat(image[:, :, None], 3, axis=2)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -40,6 +40,9 @@ def load_features(path: str | Path) -> tuple[list[str], np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"features file {path} does not exist")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":
+            raise UserError(f"{path} is not a .npz file (no zip header); write it with numpy.savez or save_features")
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in ("paths", "features") if k not in data.files]
@@ -52,17 +55,20 @@ def load_features(path: str | Path) -> tuple[list[str], np.ndarray]:
                 feats = data["features"]
     except UserError:
         raise
-    except ValueError as err:  # object arrays need pickle: we refuse to unpickle
-        raise UserError(f"{path}: cannot read without pickle ({err}); store 'paths' as a plain string array") \
-            from None
     except Exception as err:  # zipfile / format errors for files that are not npz
+        if isinstance(err, ValueError) and "pickle" in str(err):  # object arrays need pickle: we refuse to unpickle
+            raise UserError(f"{path}: cannot read without pickle ({err}); store 'paths' as a plain string array") \
+                from None
         raise UserError(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from None
-    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
-        raise UserError(f"{path}: 'features' must be an N x D float array, got {feats.dtype} {feats.shape}")
+    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating) or feats.shape[1] == 0:
+        raise UserError(f"{path}: 'features' must be an N x D float array (D >= 1), got {feats.dtype} {feats.shape}")
     if paths.ndim != 1 or paths.dtype.kind not in "US" or len(paths) != len(feats):
         raise UserError(f"{path}: 'paths' must be {len(feats)} strings (one per feature row), "
                         f"got {paths.dtype} {paths.shape}")
-    return [p.decode() if isinstance(p, bytes) else str(p) for p in paths.tolist()], feats
+    try:
+        return [p.decode() if isinstance(p, bytes) else str(p) for p in paths.tolist()], feats
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: 'paths' holds bytes that are not UTF-8 ({err.reason})") from None
 
 
 def _mapped_member(path: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray | None:
@@ -132,22 +138,41 @@ def bank_from_features(
 ) -> Tensor:
     """(N, D) float32 bank with row i for ``candidates[i]``, gathered from a features file."""
     root = Path(root)
-    row_of = {_normalise(p): i for i, p in enumerate(paths)}
+    row_of: dict[str, int] = {}
+    repeated: set[str] = set()
+    for i, p in enumerate(paths):
+        key = _normalise(p)
+        if key in row_of:
+            repeated.add(key)
+        row_of[key] = i
     keys = [candidate_key(s, root) for s in candidates]
     rows = [row_of.get(k, -1) for k in keys]
+    what = f"the {protocol} protocol's" if protocol else "the protocol's"
     missing = [k for k, r in zip(keys, rows, strict=True) if r < 0]
     if missing:
-        what = f"the {protocol} protocol's" if protocol else "the protocol's"
-        shown = ", ".join(missing[:3])
         raise UserError(f"{source} lacks {len(missing)} of {what} {len(keys)} candidate images "
-                        f"(e.g. {shown}); it must hold every query and gallery candidate")
+                        f"(e.g. {_examples(missing)}); it must hold every query and gallery candidate")
+    ambiguous = [k for k in keys if k in repeated]
+    if ambiguous:
+        raise UserError(f"{source} has several rows for {len(ambiguous)} of {what} candidate images "
+                        f"(e.g. {_examples(ambiguous)}); give each image one row")
     _check_labels(candidates, keys, root, dataset_name, source)
     index = np.asarray(rows, dtype=np.intp)
     if len(index) == len(features) and np.array_equal(index, np.arange(len(index))):
         bank = features  # already in candidate order: no gather
     else:
         bank = features[index]
-    return torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    finite = np.isfinite(bank).all(axis=1)
+    if not finite.all():
+        bad = [k for k, ok in zip(keys, finite.tolist(), strict=True) if not ok]
+        raise UserError(f"{source}: {len(bad)} of {what} {len(keys)} candidate rows hold NaN or infinite "
+                        f"values (e.g. {_examples(bad)})")
+    return torch.from_numpy(bank)
+
+
+def _examples(keys: Sequence[str], shown: int = 3) -> str:
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
 def _normalise(path: str) -> str:
@@ -157,12 +182,12 @@ def _normalise(path: str) -> str:
 
 def _check_labels(candidates: Sequence[Sample], keys: Sequence[str], root: Path, name: str, source: str) -> None:
     """Path-named datasets: the identity/camera a path encodes must be the candidate's."""
-    if name not in ("sysu_mm01", "regdb"):
-        return  # manifest datasets name their labels in the manifest, not in the path
-    from cmssft.data.datasets import regdb, sysu_mm01
+    from cmssft.data.datasets import path_parser
 
-    # the same parsers parse_sample_path uses, without building a Sample and a Path per image
-    parse = sysu_mm01.parse_path if name == "sysu_mm01" else regdb.parse_path
+    # the same parser parse_sample_path uses, without building a Sample and a Path per image
+    parse = path_parser(name)
+    if parse is None:
+        return  # manifest datasets name their labels in the manifest, not in the path
     for sample, key in zip(candidates, keys, strict=True):
         pid, camid, modality = parse(key)
         if (pid, camid, modality) != (sample.pid, sample.camid, sample.modality):

@@ -9,8 +9,10 @@ Columns (header required, any order): ``path,pid,camid,modality,split``.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
+from cmssft.data.datasets.base import read_text
 from cmssft.data.records import CrossModalDataset, Modality, Sample, assign_labels
 from cmssft.errors import DatasetError
 from cmssft.registry import DATASETS
@@ -30,6 +32,10 @@ MODALITY_NAMES = {
 
 def parse_row(row: dict[str, str], root: Path, where: str) -> tuple[str, Sample]:
     """One manifest row -> (split, sample); errors name the file and line."""
+    if None in row or any(v is None for v in row.values()):  # csv.DictReader: more or fewer fields than the header
+        header = [k for k in row if k is not None]
+        given = sum(row[k] is not None for k in header) + len(row.get(None) or ())
+        raise DatasetError(f"{where}: {given} fields where the header has {len(header)}")
     try:
         pid, camid = int(row["pid"]), int(row["camid"])
     except (TypeError, ValueError):
@@ -42,8 +48,8 @@ def parse_row(row: dict[str, str], root: Path, where: str) -> tuple[str, Sample]
     if split not in SPLITS:
         raise DatasetError(f"{where}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
     path = (row["path"] or "").strip()
-    if not path:
-        raise DatasetError(f"{where}: empty path")
+    if not path or "\x00" in path:
+        raise DatasetError(f"{where}: {'empty path' if not path else 'path holds a NUL character'}")
     return split, Sample(str(root / path), pid, camid, modality)
 
 
@@ -51,8 +57,8 @@ def read_manifest(path: Path, root: Path) -> dict[str, list[Sample]]:
     if not path.is_file():
         raise DatasetError(f"manifest {path} does not exist; expected a CSV with columns {','.join(COLUMNS)}")
     splits: dict[str, list[Sample]] = {s: [] for s in SPLITS}
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             expected = ",".join(COLUMNS)
@@ -60,6 +66,8 @@ def read_manifest(path: Path, root: Path) -> dict[str, list[Sample]]:
         for row in reader:
             split, sample = parse_row(row, root, f"{path}:{reader.line_num}")
             splits[split].append(sample)
+    except csv.Error as err:
+        raise DatasetError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
     return splits
 
 

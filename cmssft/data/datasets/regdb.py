@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from cmssft.data.datasets.base import read_text_lines, require_dir
+from cmssft.data.datasets.base import found_entries, read_text_lines, require_dir
 from cmssft.data.records import CrossModalDataset, Modality, Sample
 from cmssft.errors import DatasetError
 from cmssft.registry import DATASETS
@@ -15,6 +15,7 @@ THERMAL_CAMERA = 2
 TRIALS = range(1, 11)
 LAYOUT = "RegDB layout: Visible/<id>/*.bmp, Thermal/<id>/*.bmp, idx/{train,test}_{visible,thermal}_<1-10>.txt"
 _PATH_RE = re.compile(r"^(Visible|Thermal)/(\d+)/[^/]+$")
+_LABEL_RE = re.compile(r"-?[0-9]+")
 
 
 def parse_path(relpath: str) -> tuple[int, int, Modality]:
@@ -28,13 +29,17 @@ def parse_path(relpath: str) -> tuple[int, int, Modality]:
 
 
 def read_index(root: Path, path: Path) -> list[Sample]:
-    """Parse one idx file; each line is ``<relative path> <label>``."""
+    """Parse one idx file; each line is ``<relative path> <label>``.
+
+    Listed images are not opened here: evaluating a features file needs only the idx files, and
+    training checks its images before the first step (:mod:`cmssft.data.bad_images`).
+    """
     samples = []
     for number, line in enumerate(read_text_lines(path), start=1):
         if not line.strip():
             continue
         parts = line.split()
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        if len(parts) != 2 or not _LABEL_RE.fullmatch(parts[1]):
             raise DatasetError(f"{path}:{number}: expected '<path> <label>', got {line.strip()!r}")
         try:
             pid, camid, modality = parse_path(parts[0])
@@ -51,8 +56,9 @@ def load_regdb(root: str | Path, *, trial: int = 1, **_: object) -> CrossModalDa
     """One RegDB trial: train on its ``train_*`` files, query visible and gallery thermal by default."""
     root = Path(root)
     require_dir(root, LAYOUT)
-    for sub in ("Visible", "Thermal", "idx"):
-        require_dir(root / sub, LAYOUT)
+    missing = [sub for sub in ("Visible", "Thermal", "idx") if not (root / sub).is_dir()]
+    if missing:
+        raise DatasetError(f"{root} lacks {', '.join(missing)}; expected {LAYOUT} (found {found_entries(root)})")
     if trial not in TRIALS:
         raise DatasetError(f"RegDB trial must be 1..10, got {trial}")
     idx = root / "idx"

@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from cmssft.data.datasets.base import list_image_names, read_id_list, require_dir
+from cmssft.data.datasets.base import found_entries, list_image_names, read_id_list, require_dir
 from cmssft.data.records import CrossModalDataset, Modality, Sample, assign_labels
 from cmssft.errors import DatasetError
 from cmssft.registry import DATASETS
@@ -33,11 +33,10 @@ def parse_path(relpath: str) -> tuple[int, int, Modality]:
 
 def _check_tree(root: Path) -> None:
     require_dir(root, LAYOUT)
-    missing = [f"cam{c}" for c in (*RGB_CAMERAS, *IR_CAMERAS) if not (root / f"cam{c}").is_dir()]
-    if not (root / "exp").is_dir():
-        missing.append("exp")
+    expected = [f"cam{c}" for c in sorted((*RGB_CAMERAS, *IR_CAMERAS))] + ["exp"]
+    missing = [name for name in expected if not (root / name).is_dir()]
     if missing:
-        raise DatasetError(f"{root} lacks {', '.join(missing)}; expected {LAYOUT}")
+        raise DatasetError(f"{root} lacks {', '.join(missing)}; expected {LAYOUT} (found {found_entries(root)})")
 
 
 def _samples(root: Path, pids: list[int], cameras: tuple[int, ...]) -> list[Sample]:
@@ -70,6 +69,7 @@ def load_sysu_mm01(root: str | Path, *, train_ids: str = "train+val", **_: objec
     train_samples = _samples(root, train_pids, (*RGB_CAMERAS, *IR_CAMERAS))
     if not train_samples:
         raise DatasetError(f"{root}: no training images found; expected {LAYOUT}")
+    _require_images(train_samples, train_pids, exp / ("train_id.txt" if train_ids == "train" else "{train,val}_id.txt"))
     dataset = CrossModalDataset(
         name="sysu_mm01",
         root=root,
@@ -82,4 +82,14 @@ def load_sysu_mm01(root: str | Path, *, train_ids: str = "train+val", **_: objec
         dataset.val_gallery = _samples(root, val, RGB_CAMERAS)
     if not dataset.query or not dataset.gallery:
         raise DatasetError(f"{root}: no test images for the ids of exp/test_id.txt; expected {LAYOUT}")
+    _require_images(dataset.query + dataset.gallery, test, exp / "test_id.txt")
     return dataset
+
+
+def _require_images(samples: list[Sample], pids: list[int], listed_in: Path) -> None:
+    """Every listed identity needs images: an empty or missing folder in all six cameras is an incomplete copy."""
+    empty = sorted(set(pids) - {s.pid for s in samples})
+    if empty:
+        shown = ", ".join(f"{pid:04d}" for pid in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise DatasetError(f"{listed_in} lists {len(empty)} identit{'y' if len(empty) == 1 else 'ies'} without "
+                           f"images in any camera folder (cam1..cam6/<id>/ empty or missing): {shown}")
