@@ -10,12 +10,14 @@ by its seed (see :class:`KeyedBatchSampler`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cmssft.config import Config
+from cmssft.data.bad_images import guard_training_reader
 from cmssft.data.records import Modality, Sample
 from cmssft.data.sampler import CrossModalityIdentitySampler, KeyedBatchSampler, default_num_batches
 from cmssft.data.transforms import build_eval_transform, build_train_transform, read_image
@@ -62,13 +64,30 @@ class ImageDataset(Dataset):
         }
 
 
+def build_base_reader(cfg: Config, samples: Sequence[Sample], *, progress: bool = True) -> ImageReader:
+    """Where pixels come from: the image cache (``data.cache``; built on first use) or the disk.
+
+    Policies such as skipping bad images wrap this reader, whichever it is.
+    """
+    if not cfg.data.cache:
+        return DiskReader(samples)
+    from cmssft.data.cache import CacheReader, build_cache
+
+    directory = cfg.data.cache_dir or Path(cfg.output_dir) / "cache"
+    cache = build_cache(samples, cfg.data.height, cfg.data.width, directory, progress=progress)
+    return CacheReader(cache, samples)
+
+
 def _loader_options(cfg: Config, device_is_cuda: bool) -> dict:
     workers = cfg.data.num_workers
-    return {
+    options = {
         "num_workers": workers,
         "pin_memory": cfg.data.pin_memory and device_is_cuda,
         "persistent_workers": cfg.data.persistent_workers and workers > 0,
     }
+    if workers > 0:
+        options["prefetch_factor"] = cfg.data.prefetch_factor
+    return options
 
 
 def build_train_loader(
@@ -92,17 +111,20 @@ def build_train_loader(
         rank=rank,
         world_size=world_size,
     )
+    base_reader = build_base_reader(cfg, samples)  # the image cache or the disk
+    reader = guard_training_reader(samples, base_reader, cfg.data.bad_images)  # data.bad_images=stop fails here
     return DataLoader(
-        ImageDataset(samples, build_train_transform(cfg.data)),
+        ImageDataset(samples, build_train_transform(cfg.data), reader),
         batch_sampler=KeyedBatchSampler(sampler),
         **_loader_options(cfg, device_is_cuda),
     )
 
 
 def build_test_loader(cfg: Config, samples: Sequence[Sample], *, device_is_cuda: bool = False) -> DataLoader:
-    """Samples in their given order, unaugmented."""
+    """Samples in their given order, unaugmented (through the image cache when enabled: repeated
+    evaluations then decode nothing)."""
     return DataLoader(
-        ImageDataset(samples, build_eval_transform(cfg.data)),
+        ImageDataset(samples, build_eval_transform(cfg.data), reader=build_base_reader(cfg, samples)),
         batch_size=cfg.eval.batch_size,
         shuffle=False,
         **_loader_options(cfg, device_is_cuda),

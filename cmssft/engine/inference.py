@@ -3,8 +3,9 @@
 A *bank* is ``dict[str, Tensor]`` whose tensors share their first dimension N
 (one row per sample, in the order of the sample list); it always holds
 ``"modality"`` (long [N]). What else it holds is the model's business
-(``model.extract``); ``model.score(query_bank, gallery_bank, mode)`` turns two
-banks into a distance matrix [Q, G].
+(``model.extract``); ``model.score_blocks(query_bank, gallery_bank, mode)`` turns two
+banks into distances [Q, G] handed out in query blocks [rows, G] (``DistanceBlocks``;
+``model.score`` gives the full matrix).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from cmssft.config import Config, config_from_dict
 from cmssft.data.loader import build_test_loader
 from cmssft.data.records import Sample
 from cmssft.engine.checkpoint import load_checkpoint, load_model_state
+from cmssft.evaluation.metrics import DistanceBlocks
 from cmssft.utils.runtime import resolve_device
 
 LOG = logging.getLogger("cmssft")
 Bank = dict[str, torch.Tensor]
-ScoreFn = Callable[[Bank, Bank], torch.Tensor]
+ScoreFn = Callable[[Bank, Bank], DistanceBlocks]
 
 
 @torch.no_grad()
@@ -58,17 +60,21 @@ def extract_features(
 
 
 def model_score_fn(model: nn.Module, mode: str, device: torch.device) -> ScoreFn:
-    """The model's test-time scoring (SSTN transductive / single-query / off) as a plain function."""
+    """The model's test-time scoring (SSTN transductive / single-query / off) as a plain function.
+
+    Its result is blockwise: each ``[rows, G]`` block is computed on ``device`` when the evaluator
+    asks for it and handed over as float32 on the CPU, so neither side holds the whole (Q, G).
+    """
 
     @torch.no_grad()
-    def score(query: Bank, gallery: Bank) -> torch.Tensor:
+    def score(query: Bank, gallery: Bank) -> DistanceBlocks:
         was_training = model.training
         model.eval()
         q = {k: v.to(device) for k, v in query.items()}
         g = {k: v.to(device) for k, v in gallery.items()}
-        dist = model.score(q, g, mode)
+        dist = model.score_blocks(q, g, mode)
         model.train(was_training)
-        return dist.float().cpu()
+        return dist.map(lambda block: block.float().cpu(), device="cpu")
 
     return score
 

@@ -7,14 +7,19 @@ The evaluator knows nothing about models. It takes
   whose first dimension is N (e.g. ``{"shared": (N, Ds), "specific": (N, Dp)}``), so a
   model's test-time graph step can use several features;
 - an optional **score function** ``score_fn(query_bank, gallery_bank) -> (Q, G)``
-  distance tensor (smaller = more similar). It receives the bank sliced to the trial's
-  query rows and gallery rows (same type as the bank: tensor or dict), so a
-  transductive model can build its graph from exactly that trial's query and gallery.
-  With re-ranking on it is also called as ``score_fn(query, query)`` and
-  ``score_fn(gallery, gallery)``. Default: :func:`cosine_distance` on a plain tensor.
+  distances (smaller = more similar): either a tensor, or a
+  :class:`~cmssft.evaluation.metrics.DistanceBlocks` that computes query blocks
+  ``[rows, G]`` on demand. It receives the bank sliced to the trial's query rows and
+  gallery rows (same type as the bank: tensor or dict), so a transductive model can
+  build its graph from exactly that trial's query and gallery. With re-ranking on it is
+  also called as ``score_fn(query, query)`` and ``score_fn(gallery, gallery)``.
+  Default: :func:`cosine_blocks` on a plain tensor.
 
 Per trial it slices the bank, scores, optionally re-ranks and computes metrics; the
-bank itself is built once by the caller and reused by every trial.
+bank itself is built once by the caller and reused by every trial. Blocks are ranked
+as they come, so peak memory is O(block x G) rather than O(Q x G). Re-ranking
+(k-reciprocal) needs the full (Q, G), (Q, Q) and (G, G) matrices: with it on, blocks are
+materialised first.
 """
 
 from __future__ import annotations
@@ -27,22 +32,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cmssft.evaluation.metrics import MAX_RANK, RankingMetrics, evaluate_ranking
+from cmssft.evaluation.metrics import MAX_RANK, DistanceBlocks, RankingMetrics, evaluate_ranking, full_distances
 from cmssft.evaluation.protocols import Protocol, Trial
 from cmssft.evaluation.rerank import k_reciprocal_rerank
 
 Bank = Tensor | Mapping[str, Tensor]
-ScoreFn = Callable[[Bank, Bank], Tensor]
+ScoreFn = Callable[[Bank, Bank], Tensor | DistanceBlocks]
+
+
+def _unit_rows(query: Bank, gallery: Bank) -> tuple[Tensor, Tensor]:
+    if not isinstance(query, Tensor) or not isinstance(gallery, Tensor):
+        raise TypeError("the default score function needs a plain (N, D) tensor bank; "
+                        "pass score_fn for a dict of named features")
+    return F.normalize(query.float(), dim=1), F.normalize(gallery.float(), dim=1)
 
 
 def cosine_distance(query: Bank, gallery: Bank) -> Tensor:
     """1 - cosine similarity of (Q, D) and (G, D) feature rows -> (Q, G)."""
-    if not isinstance(query, Tensor) or not isinstance(gallery, Tensor):
-        raise TypeError("the default score function needs a plain (N, D) tensor bank; "
-                        "pass score_fn for a dict of named features")
-    q = F.normalize(query.float(), dim=1)
-    g = F.normalize(gallery.float(), dim=1)
+    q, g = _unit_rows(query, gallery)
     return 1.0 - q @ g.T
+
+
+def cosine_blocks(query: Bank, gallery: Bank) -> DistanceBlocks:
+    """:func:`cosine_distance` as query blocks, so a large gallery never needs the (Q, G) matrix."""
+    q, g = _unit_rows(query, gallery)
+    return DistanceBlocks((len(q), len(g)), lambda start, stop: 1.0 - q[start:stop] @ g.T, device=q.device)
 
 
 def bank_size(bank: Bank) -> int:
@@ -93,14 +107,19 @@ class Evaluator:
         max_rank: int = MAX_RANK,
         device: torch.device | str | None = None,
     ) -> None:
-        self.score_fn = score_fn or cosine_distance
+        self.score_fn = score_fn or cosine_blocks
         self.rerank = rerank
         self.rerank_params = {"k1": k1, "k2": k2, "lambda_value": lambda_value}
         self.max_rank = max_rank
         self.device = torch.device(device) if device is not None else None
 
     def distances(self, protocol: Protocol, trial: Trial, bank: Bank) -> Tensor:
-        """(Q, G) distances of one trial (re-ranked when enabled)."""
+        """The full (Q, G) distances of one trial (re-ranked when enabled)."""
+        return full_distances(self.trial_distances(protocol, trial, bank))
+
+    def trial_distances(self, protocol: Protocol, trial: Trial, bank: Bank) -> Tensor | DistanceBlocks:
+        """(Q, G) distances of one trial as the score function gives them (blocks stay blocks),
+        or the re-ranked full matrix when re-ranking is on."""
         q_idx = torch.as_tensor(trial.query_idx, dtype=torch.long)
         g_idx = torch.as_tensor(trial.gallery_idx, dtype=torch.long)
         q_bank, g_bank = slice_bank(bank, q_idx), slice_bank(bank, g_idx)
@@ -109,9 +128,9 @@ class Evaluator:
         if tuple(q_g.shape) != expected:
             raise ValueError(f"score_fn returned shape {tuple(q_g.shape)}, expected (Q, G) = {expected}")
         if self.rerank:
-            q_q = self.score_fn(q_bank, q_bank)
-            g_g = self.score_fn(g_bank, g_bank)
-            q_g = k_reciprocal_rerank(q_g, q_q, g_g, **self.rerank_params)
+            q_q = full_distances(self.score_fn(q_bank, q_bank))
+            g_g = full_distances(self.score_fn(g_bank, g_bank))
+            q_g = k_reciprocal_rerank(full_distances(q_g), q_q, g_g, **self.rerank_params)
         return q_g
 
     def evaluate_trial(self, protocol: Protocol, trial: Trial, bank: Bank) -> TrialResult:
@@ -125,7 +144,7 @@ class Evaluator:
                              f"{len(protocol.candidates)} candidates")
         if self.device is not None:
             bank = move_bank(bank, self.device)
-        if self.score_fn is cosine_distance and isinstance(bank, Tensor):
+        if self.score_fn in (cosine_distance, cosine_blocks) and isinstance(bank, Tensor):
             bank = F.normalize(bank.float(), dim=1)  # once for all trials; cosine_distance re-normalises cheaply
         labels = candidate_labels(protocol)
         return [self._evaluate_trial(protocol, trial, bank, labels) for trial in protocol.trials]
@@ -135,7 +154,7 @@ class Evaluator:
         self, protocol: Protocol, trial: Trial, bank: Bank, labels: tuple[np.ndarray, np.ndarray]
     ) -> TrialResult:
         pids, cams = labels
-        dist = self.distances(protocol, trial, bank)
+        dist = self.trial_distances(protocol, trial, bank)
         metrics = evaluate_ranking(
             dist,
             pids[trial.query_idx], pids[trial.gallery_idx],

@@ -2,7 +2,8 @@
 
 Shapes at this boundary:
 
-- ``distmat``: (Q, G) float tensor, smaller is more similar;
+- ``distmat``: (Q, G) float tensor, smaller is more similar, or a :class:`DistanceBlocks` that
+  computes those rows a block at a time (then peak memory is O(block x G), never O(Q x G));
 - ``q_pids``/``q_camids``: (Q,) integers; ``g_pids``/``g_camids``: (G,) integers.
 
 Everything runs in torch on the distance matrix's device (on CPU the row sort is
@@ -34,7 +35,7 @@ Conventions (identical to the community reference code, see docs/EVALUATION.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -54,6 +55,81 @@ Method = Literal["auto", "sort", "count"]
 COUNT_MAX_MATCHES = 2  # "auto" ranks by counting when no query has more true matches than this
 # Elements of one (chunk, G) working tensor; a handful of these live at once.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+# Elements of one producer block of a DistanceBlocks: rows = this // G (at least 1).
+BLOCK_ELEMENTS = 1 << 22
+
+
+class DistanceBlocks:
+    """A (Q, G) distance matrix (smaller = more similar) handed out a block of query rows at a time.
+
+    This is the blockwise form of a score function's result: ``compute(start, stop)`` returns the
+    float rows ``[stop - start, G]`` on ``device``. It is only ever called on the aligned producer
+    blocks ``[i * block_rows, min((i + 1) * block_rows, Q))`` (the last one is kept for the next
+    request), so values never depend on how a consumer slices the rows and :meth:`full` equals any
+    concatenation of :meth:`rows` bit for bit. A consumer walking the rows in order holds
+    O(block_rows x G) at a time. Rows are computed without autograd.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        compute: Callable[[int, int], Tensor],
+        *,
+        block_rows: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.compute = compute
+        default = max(1, BLOCK_ELEMENTS // max(1, self.shape[1]))
+        self.block_rows = max(1, int(block_rows or default))
+        self.device = torch.device(device)
+        self._cached: tuple[int, Tensor] | None = None
+
+    def _block(self, index: int) -> Tensor:
+        if self._cached is None or self._cached[0] != index:
+            start = index * self.block_rows
+            with torch.no_grad():
+                block = self.compute(start, min(start + self.block_rows, self.shape[0]))
+            self._cached = (index, block)
+        return self._cached[1]
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Rows ``start..stop-1``: ``[stop - start, G]``."""
+        start, stop = max(0, start), min(stop, self.shape[0])
+        if stop <= start:
+            return torch.empty(0, self.shape[1], device=self.device)
+        first, last = start // self.block_rows, (stop - 1) // self.block_rows
+        parts = []
+        for index in range(first, last + 1):
+            base = index * self.block_rows
+            parts.append(self._block(index)[max(start, base) - base : min(stop, base + self.block_rows) - base])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def __iter__(self) -> Iterator[tuple[int, Tensor]]:
+        """``(start, rows [b, G])`` over the producer blocks, in order."""
+        for start in range(0, self.shape[0], self.block_rows):
+            yield start, self.rows(start, start + self.block_rows)
+
+    def full(self) -> Tensor:
+        """The whole ``[Q, G]`` matrix (re-ranking and pictures need it)."""
+        if self.shape[0] == 0:
+            return torch.empty(self.shape, device=self.device)
+        out = [block for _, block in self]
+        self._cached = None
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def map(self, fn: Callable[[Tensor], Tensor], device: torch.device | str | None = None) -> DistanceBlocks:
+        """The same blocks passed through ``fn`` (e.g. ``lambda t: t.float().cpu()``)."""
+        source = self
+        return DistanceBlocks(self.shape, lambda a, b: fn(source.compute(a, b)), block_rows=self.block_rows,
+                              device=self.device if device is None else device)
+
+
+def full_distances(dist: Tensor | DistanceBlocks) -> Tensor:
+    """A score function's result as one ``[Q, G]`` tensor."""
+    return dist.full() if isinstance(dist, DistanceBlocks) else dist
 
 
 def exclude_none(q_pids: Tensor, q_cams: Tensor, g_pids: Tensor, g_cams: Tensor) -> Tensor:
@@ -118,7 +194,7 @@ def _as_long(x: Tensor | np.ndarray | list[int], device: torch.device) -> Tensor
 
 
 def evaluate_ranking(
-    distmat: Tensor | np.ndarray,
+    distmat: Tensor | np.ndarray | DistanceBlocks,
     q_pids: Tensor | np.ndarray,
     g_pids: Tensor | np.ndarray,
     q_camids: Tensor | np.ndarray,
@@ -135,11 +211,12 @@ def evaluate_ranking(
     ``sort`` sorts each row's (kept) distances and places every true match by binary
     search (O(G log G) per query, NumPy's sort on CPU); ``count`` compares each true match
     with the whole row (O(M * G) per query for at most M true matches); ``auto`` takes
-    ``count`` when M <= 2, else ``sort``. Raises ``ValueError`` when no query has a true
-    match (nothing to average).
+    ``count`` when M <= 2, else ``sort``. A :class:`DistanceBlocks` is consumed a chunk of
+    queries at a time and gives the same numbers as its full matrix. Raises ``ValueError``
+    when no query has a true match (nothing to average).
     """
-    dist = torch.as_tensor(distmat)
-    if dist.dim() != 2:
+    dist = distmat if isinstance(distmat, DistanceBlocks) else torch.as_tensor(distmat)
+    if len(dist.shape) != 2:
         raise ValueError(f"distmat must be (Q, G), got shape {tuple(dist.shape)}")
     num_q, num_g = dist.shape
     device = dist.device
@@ -153,12 +230,9 @@ def evaluate_ranking(
         raise ValueError("the gallery is empty")
     if method not in ("auto", "sort", "count"):
         raise ValueError(f"method must be auto, sort or count, got {method!r}")
-    if dist.dtype not in (torch.float32, torch.float64):
-        dist = dist.double()  # exact for half, bfloat16 and integers below 2**53
     if num_q == 0:
         raise ValueError("no query has a true match in the gallery after exclusions")
-    if not _all_finite(dist):
-        raise ValueError("distmat holds NaN or infinite values")
+    rows_of = _row_reader(dist)
     rule = get_exclusion(exclusion)
     ids = _Identities(qp, gp)
     width = ids.max_matches
@@ -169,7 +243,7 @@ def evaluate_ranking(
     for start in range(0, num_q, step):
         rows = slice(start, min(start + step, num_q))
         idx, present = ids.slots(rows)
-        outputs.append(_chunk_metrics(dist[rows], qp[rows], qc[rows], gp, gc, rule, idx, present, method,
+        outputs.append(_chunk_metrics(rows_of(rows), qp[rows], qc[rows], gp, gc, rule, idx, present, method,
                                       ids.g_index if dedup else None, ids.q_index[rows], ids.num_pids,
                                       chunk_elements, sorter))
     first_rank, ap, inp, valid = (torch.cat(parts) for parts in zip(*outputs, strict=True))
@@ -189,6 +263,29 @@ def evaluate_ranking(
         ap=ap_valid,
         inp=inp_valid,
     )
+
+
+def _row_reader(dist: Tensor | DistanceBlocks) -> Callable[[slice], Tensor]:
+    """Rows of the distances as a float32/64 tensor, checked finite (all at once for a full matrix)."""
+
+    def prepare(block: Tensor) -> Tensor:
+        if block.dtype not in (torch.float32, torch.float64):
+            block = block.double()  # exact for half, bfloat16 and integers below 2**53
+        return block
+
+    if isinstance(dist, Tensor):
+        dist = prepare(dist)
+        if not _all_finite(dist):
+            raise ValueError("distmat holds NaN or infinite values")
+        return lambda rows: dist[rows]
+
+    def read(rows: slice) -> Tensor:
+        block = prepare(dist.rows(rows.start, rows.stop))
+        if not _all_finite(block):
+            raise ValueError("distmat holds NaN or infinite values")
+        return block
+
+    return read
 
 
 def _all_finite(dist: Tensor) -> bool:
