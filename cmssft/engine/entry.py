@@ -6,8 +6,11 @@ import argparse
 import logging
 from pathlib import Path
 
+import torch
+
 from cmssft.config import Config, load_config
 from cmssft.engine.checkpoint import LAST, load_checkpoint
+from cmssft.engine.distributed import DistContext, context_from_env, process_group
 from cmssft.engine.run_dir import make_run_dir, setup_logging, write_run_config
 from cmssft.engine.signals import TrainingInterrupted
 from cmssft.errors import UserError
@@ -65,22 +68,32 @@ def new_run_dir(cfg: Config, args: argparse.Namespace) -> Path:
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    """``python train.py ...`` or, one process per GPU, ``torchrun --nproc_per_node=N train.py ...``."""
     args = parse_train_args(argv)
+    dist = context_from_env()
     cfg, run_dir = resolve_run(args)
-    setup_logging(None)
-    device = resolve_device(cfg.train.device)
+    setup_logging(None, logging.INFO if dist.is_main else logging.ERROR)
+    device = dist.device(resolve_device(cfg.train.device))
+    with process_group(dist, device):
+        return _train(args, cfg, run_dir, device, dist)
 
+
+def _train(
+    args: argparse.Namespace, cfg: Config, run_dir: Path | None, device: torch.device, dist: DistContext
+) -> int:
     from cmssft.engine.build import build_trainer, prepare_dataset
     from cmssft.engine.evaluate import ProtocolEvaluation, chance_line
 
-    dataset = prepare_dataset(cfg)  # bad data fails here, before a run directory exists
-    run_dir = run_dir or new_run_dir(cfg, args)
-    setup_logging(run_dir)
-    write_run_config(cfg, run_dir)
+    cfg, run_dir = dist.from_main(lambda: (cfg, run_dir))  # the run rank 0 continues, if any, is everyone's
+    dataset = dist.main_first(lambda: prepare_dataset(cfg))  # bad data fails here, before a run directory exists
+    run_dir = dist.from_main(lambda: run_dir or new_run_dir(cfg, args))  # rank 0 names it; all write there
+    if dist.is_main:
+        setup_logging(run_dir)
+        write_run_config(cfg, run_dir)
     LOG.info("run directory %s", run_dir)
     LOG.info("%s", dataset.summary())
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    trainer = build_trainer(cfg, dataset, device, run_dir)
+    seed_everything(cfg.seed, cfg.train.deterministic)  # the same seed everywhere: identical initial weights
+    trainer = build_trainer(cfg, dataset, device, run_dir, dist)
     if args.resume:
         trainer.restore(load_checkpoint(run_dir / LAST, map_location=device))
         LOG.info("resumed from %s at epoch %d", run_dir / LAST, trainer.state.epoch)

@@ -4,13 +4,21 @@ One optimizer trains everything (extractor, SSTN, heads); adversarial terms act
 through gradient reversal inside the model. The loop logs every loss term,
 learning rates, gradient norm and model statistics, evaluates periodically,
 and writes ``last.pth`` after every epoch and ``best.pth`` by the selection rule.
+
+Under ``torchrun`` every process runs this loop on its own shard of the batches
+through the DDP-wrapped ``train_model``; decisions that must not differ between
+processes (skip a non-finite step, stop on a signal) are agreed by all-reduce,
+and only rank 0 logs, evaluates and writes files while the others wait.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +29,7 @@ from tqdm import tqdm
 
 from cmssft.config import Config, config_to_dict
 from cmssft.engine.checkpoint import BEST, LAST, save_atomic
+from cmssft.engine.distributed import DistContext
 from cmssft.engine.metrics_log import MetricsLogger
 from cmssft.engine.signals import StopSignals, TrainingInterrupted
 from cmssft.errors import UserError
@@ -33,8 +42,17 @@ EvaluateFn = Callable[[nn.Module, int], dict[str, float]]
 MAX_BAD_STEPS = 10
 
 
+def uses_channels_last(cfg: Config, device: torch.device) -> bool:
+    """NHWC activations speed up CUDA convolutions; on CPU the setting is ignored."""
+    return cfg.train.channels_last and device.type == "cuda"
+
+
 class TrainingDiverged(UserError):
     """The loss stayed non-finite; the last good checkpoint is kept."""
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is untouched."""
 
 
 @dataclass
@@ -50,7 +68,12 @@ class TrainState:
 
 
 class Trainer:
-    """Runs epochs; owns nothing it did not get from its builder."""
+    """Runs epochs; owns nothing it did not get from its builder.
+
+    ``model`` is the plain module (checkpoints, evaluation); ``train_model`` what the training
+    step calls (the same module, or it wrapped in DDP and/or ``torch.compile``).
+    ``iters_per_epoch`` (default: the loader's length) is the same on every process.
+    """
 
     def __init__(
         self,
@@ -66,8 +89,16 @@ class Trainer:
         evaluators: dict[str, EvaluateFn] | None = None,
         select_on: str | None = None,
         num_classes: int = 0,
+        *,
+        train_model: nn.Module | None = None,
+        dist: DistContext | None = None,
+        iters_per_epoch: int | None = None,
     ) -> None:
         self.cfg, self.model, self.criterion = cfg, model, criterion
+        self.train_model = train_model if train_model is not None else model
+        self.dist = dist or DistContext()
+        self._iters = iters_per_epoch
+        self.channels_last = uses_channels_last(cfg, device)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loader, self.device, self.run_dir = train_loader, device, run_dir
         self.metrics = metrics
@@ -109,21 +140,33 @@ class Trainer:
         try:
             save_atomic(self.checkpoint_state(), path)
         except OSError as err:
-            LOG.error("could not write %s (%s); the previous file is left in place", path, err)
-            raise
+            message = (
+                f"could not write {path} ({err.strerror or err}); the previous checkpoint is intact: "
+                "free space or fix permissions, then run again with --resume"
+            )
+            LOG.error("%s", message)
+            raise CheckpointWriteError(message) from err
         return path
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of writes that a kill interrupted; the finished checkpoints never need them."""
+        for stale in self.run_dir.glob(".*.pth.*.tmp"):
+            LOG.info("removing %s, left by an interrupted checkpoint write", stale.name)
+            stale.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ loop
 
     @property
     def iters_per_epoch(self) -> int:
-        return len(self.loader)
+        return self._iters if self._iters is not None else len(self.loader)
 
     def fit(self) -> TrainState:
         """Train to ``train.epochs``; SIGINT/SIGTERM save ``last.pth`` and raise :class:`TrainingInterrupted`."""
         total = self.cfg.train.epochs * self.iters_per_epoch
         initial = self.state.epoch * self.iters_per_epoch + self.state.batch
-        bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=not self.dist.is_main)
+        if self.dist.is_main:
+            self.remove_stale_temporaries()
         try:
             with self.signals:
                 while self.state.epoch < self.cfg.train.epochs:
@@ -141,7 +184,8 @@ class Trainer:
     def train_epoch(self, bar: tqdm) -> None:
         self.model.train()
         self.loader.batch_sampler.set_epoch(self.state.epoch, skip=self.state.batch)
-        for batch in self.loader:
+        # Every process takes the same number of steps, or DDP's collectives would wait forever.
+        for batch in itertools.islice(self.loader, self.iters_per_epoch - self.state.batch):
             terms, grad_norm = self.train_step(batch)
             self.state.step += 1
             self.state.batch += 1
@@ -158,16 +202,18 @@ class Trainer:
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
         modality = batch["modality"].to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)):
-            out = self.model(images, modality, labels)
+            out = self.train_model(images, modality, labels)
             terms = self.criterion(out, labels, modality)
         total = terms["total"]
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(total):
+        if self.dist.any(not bool(torch.isfinite(total))):  # all processes skip together
             self.skip_step(terms)
-            self.scheduler.step()
+            with warnings.catch_warnings():  # the schedule advances on purpose: a skipped step still counts
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+                self.scheduler.step()
             return None, float("nan")
         self.bad_steps = 0
         self.scaler.scale(total).backward()
@@ -177,12 +223,12 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.latest_stats = {k: float(v) for k, v in out.get("stats", {}).items()}
-        return {k: float(v.detach()) for k, v in terms.items()}, grad_norm
+        self.latest_stats = self.dist.mean({k: float(v) for k, v in out.get("stats", {}).items()})
+        return self.dist.mean({k: float(v.detach()) for k, v in terms.items()}), grad_norm
 
     def skip_step(self, terms: dict[str, torch.Tensor]) -> None:
         self.bad_steps += 1
-        bad = ", ".join(k for k, v in terms.items() if not torch.isfinite(v))
+        bad = ", ".join(k for k, v in terms.items() if not torch.isfinite(v)) or "on another process"
         LOG.warning("step %d: non-finite loss (%s); step skipped", self.state.step + 1, bad)
         if self.metrics is not None:
             self.metrics.scalars({"train/skipped_steps": self.bad_steps}, self.state.step + 1)
@@ -193,9 +239,12 @@ class Trainer:
             )
 
     def stop_if_signalled(self) -> None:
-        if self.signals.signum is not None:
-            path = self.save(LAST)
-            raise TrainingInterrupted(self.signals.signum, str(path))
+        """Stop when any process got SIGINT/SIGTERM; all stop after the same step and rank 0 saves."""
+        signum = self.dist.max(self.signals.signum or 0)
+        if signum:
+            path = self.save(LAST) if self.dist.is_main else self.run_dir / LAST
+            self.dist.barrier()
+            raise TrainingInterrupted(signum, str(path))
 
     def log_step(self, terms: dict[str, float], grad_norm: float) -> None:
         if self.metrics is None:
@@ -210,6 +259,12 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and selection
 
     def end_of_epoch(self) -> None:
+        """Rank 0 evaluates and writes checkpoints; the other processes wait for it."""
+        if self.dist.is_main:
+            self.evaluate_and_save()
+        self.dist.barrier()
+
+    def evaluate_and_save(self) -> None:
         epoch, every = self.state.epoch, self.cfg.train.eval_every
         last = epoch == self.cfg.train.epochs
         results: dict[str, dict[str, float]] = {}

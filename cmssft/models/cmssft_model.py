@@ -23,19 +23,22 @@ stats                 dict          detached scalars for logging (sstn/*, heads/
 ====================  ============  =============================================================
 
 Test time: ``extract`` gives a bank ``{"shared": [N, C], "specific": [N, C], "modality": [N]}``
-of BN-neck features (``specific`` only with a specific branch); ``score`` turns a query bank
-and a gallery bank into distances ``[Q, G]`` (smaller = more similar).
+of BN-neck features (``specific`` only with a specific branch); ``score_blocks`` turns a query
+bank and a gallery bank into distances ``[Q, G]`` (smaller = more similar) handed out in query
+blocks ``[rows, G]`` (:class:`~cmssft.evaluation.metrics.DistanceBlocks`); ``score`` is its full matrix.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cmssft.errors import UserError
+from cmssft.evaluation.metrics import DistanceBlocks
 from cmssft.models.extractor import TwoStreamExtractor
 from cmssft.models.heads import ModalityDiscriminator
 from cmssft.models.neck import BNNeck, make_pool
@@ -43,6 +46,9 @@ from cmssft.models.routing import group_by_modality, per_modality
 from cmssft.models.sstn import MODES, SSTN, affinity_stats
 
 Bank = dict[str, torch.Tensor]
+# Rows [B, ...] of this process -> (rows of every process in rank order [W*B, ...], start of this process's
+# rows); gradients flow back through it. Injected by the engine; None trains on the local batch alone.
+BatchGather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
 
 class CmSSFT(nn.Module):
@@ -104,6 +110,7 @@ class CmSSFT(nn.Module):
         self.recon_downsample = recon_downsample
         self.test_mode = test_mode
         self.off_features = off_features
+        self.batch_gather: BatchGather | None = None  # set by distributed training for a global-batch SSTN
         for layer in (self.cls_sh, self.cls_fused, *(self.cls_sp or [])):
             if layer is not None:
                 nn.init.normal_(layer.weight, std=0.001)
@@ -140,13 +147,30 @@ class CmSSFT(nn.Module):
         if self.sstn is not None:
             bn_sh = bn_sh.index_select(0, grouping.inverse)
             bn_sp = None if bn_sp is None else bn_sp.index_select(0, grouping.inverse)
-            fused, fused_bn, graph = self.sstn(bn_sh, bn_sp, modality)
+            fused, fused_bn, sstn_stats = self._transfer(bn_sh, bn_sp, modality, labels)
             out["fused_feat"] = fused
             out["fused_logits"] = self.cls_fused(fused_bn)
-            stats.update(affinity_stats(graph, modality, labels))
+            stats.update(sstn_stats)
         stats.update(self._head_stats(out, modality))
         out["stats"] = stats
         return out
+
+    def _transfer(
+        self, bn_sh: torch.Tensor, bn_sp: torch.Tensor | None, modality: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The SSTN graph over this batch, or, with ``batch_gather`` set, over the batches of every
+        process (one larger graph, as if one process held them all); this batch's rows are returned."""
+        if self.batch_gather is None:
+            fused, fused_bn, graph = self.sstn(bn_sh, bn_sp, modality)
+            return fused, fused_bn, affinity_stats(graph, modality, labels)
+        rows = bn_sh.shape[0]
+        all_sh, start = self.batch_gather(bn_sh)
+        all_sp = None if bn_sp is None else self.batch_gather(bn_sp)[0]
+        all_modality = self.batch_gather(modality)[0]
+        all_labels = None if labels is None else self.batch_gather(labels)[0]
+        fused, fused_bn, graph = self.sstn(all_sh, all_sp, all_modality)
+        own = slice(start, start + rows)
+        return fused[own], fused_bn[own], affinity_stats(graph, all_modality, all_labels)
 
     def _features(
         self, x: torch.Tensor, sizes: list[int]
@@ -186,22 +210,29 @@ class CmSSFT(nn.Module):
 
     @torch.no_grad()
     def score(self, query_bank: Bank, gallery_bank: Bank, mode: str | None = None) -> torch.Tensor:
-        """Distances ``[Q, G]`` (cosine distance, smaller = more similar).
+        """Distances ``[Q, G]`` (cosine distance, smaller = more similar): :meth:`score_blocks` in full."""
+        return self.score_blocks(query_bank, gallery_bank, mode).full()
+
+    @torch.no_grad()
+    def score_blocks(self, query_bank: Bank, gallery_bank: Bank, mode: str | None = None) -> DistanceBlocks:
+        """Distances ``[Q, G]`` in query blocks, so a large gallery never needs the whole matrix.
 
         ``mode`` (default: the configured test mode): ``transductive`` (one SSTN graph over
-        query + gallery), ``single_query`` (each query alone with the gallery) or ``off``
-        (no transfer). Without an SSTN every mode is ``off``.
+        query + gallery; every node's descriptor is computed here, blocks are products),
+        ``single_query`` (each query alone with the gallery; per query block on demand) or
+        ``off`` (no transfer). Without an SSTN every mode is ``off``.
         """
         mode = mode or self.test_mode
         if mode not in MODES:
             raise UserError(f"test mode {mode!r} is not one of {MODES}")
         if self.sstn is None or mode == "off":
-            return 1.0 - self._plain(query_bank) @ self._plain(gallery_bank).T
+            q, g = self._plain(query_bank), self._plain(gallery_bank)
+            return DistanceBlocks((len(q), len(g)), lambda start, stop: 1.0 - q[start:stop] @ g.T, device=q.device)
 
         def triple(bank: Bank) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
             return bank["shared"].float(), _maybe_float(bank.get("specific")), bank["modality"]
 
-        return self.sstn.distance(triple(query_bank), triple(gallery_bank), mode)
+        return self.sstn.distance_blocks(triple(query_bank), triple(gallery_bank), mode)
 
     def _plain(self, bank: Bank) -> torch.Tensor:
         shared = F.normalize(bank["shared"].float(), dim=1)
