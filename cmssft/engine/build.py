@@ -72,8 +72,11 @@ def build_trainer(
     if uses_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     criterion = build_criterion(cfg).to(device)
-    loader = build_train_loader(
-        cfg, dataset.train, device_is_cuda=device.type == "cuda", rank=dist.rank, world_size=dist.world_size
+    # Rank 0 first: it builds the image cache (data.cache) that the others then open.
+    loader = dist.main_first(
+        lambda: build_train_loader(
+            cfg, dataset.train, device_is_cuda=device.type == "cuda", rank=dist.rank, world_size=dist.world_size
+        )
     )
     iters = dist.min(len(loader))  # shards differ by one batch when world_size does not divide the epoch
     optimizer = build_optimizer(model, cfg.train)
