@@ -10,6 +10,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TINY = {"height": 64, "width": 32, "seed": 0, "progress": False}
 
+# Overrides for training runs in tests: 64x32 images, 2 ids x 2 images per modality, a small ResNet on the CPU.
+TINY_DATA = [
+    "data.height=64",
+    "data.width=32",
+    "data.ids_per_batch=2",
+    "data.images_per_id=2",
+    "data.num_workers=0",
+    "model.backbone=resnet18",
+    "model.pretrained=none",
+    "train.device=cpu",
+]
+# The shared-only model: a small checkpoint and a quick step, for tests about the loop rather than the method.
+SHARED_ONLY = ["model.use_specific=false", "model.project_adversarial=false", "model.reconstruction=false"]
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

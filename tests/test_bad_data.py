@@ -19,21 +19,14 @@ from cmssft.errors import DatasetError, run_cli
 from cmssft.evaluation.cli import main as eval_main
 from cmssft.evaluation.features_io import save_features
 
+from .conftest import SHARED_ONLY, TINY_DATA
+
 QUICK_TRAIN = [
-    "data.height=64",
-    "data.width=32",
-    "data.ids_per_batch=2",
-    "data.images_per_id=2",
-    "data.num_workers=0",
-    "model.backbone=resnet18",
-    "model.pretrained=none",
-    "model.use_specific=false",
-    "model.project_adversarial=false",
-    "model.reconstruction=false",
+    *TINY_DATA,
+    *SHARED_ONLY,
     "train.epochs=1",
     "train.iters_per_epoch=1",
     "train.eval_every=0",
-    "train.device=cpu",
     "eval.trials=1",
     "eval.flip=false",
 ]

@@ -25,16 +25,10 @@ from cmssft.engine.checkpoint import load_checkpoint
 from cmssft.engine.distributed import DistContext, context_from_env
 from cmssft.errors import UserError
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, TINY_DATA
 
 TINY_DDP = [
-    "data.height=64",
-    "data.width=32",
-    "data.ids_per_batch=2",
-    "data.images_per_id=2",
-    "data.num_workers=0",
-    "model.backbone=resnet18",
-    "model.pretrained=none",
+    *TINY_DATA,
     "model.specific_from=layer4",
     "train.epochs=1",
     "train.iters_per_epoch=2",  # global batches per epoch: one step per process
@@ -42,7 +36,6 @@ TINY_DDP = [
     "train.lr=0.01",
     "train.warmup_epochs=0",
     "train.eval_every=1",
-    "train.device=cpu",
     "train.deterministic=true",
     "train.log_every=1",
     "eval.trials=1",

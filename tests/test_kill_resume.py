@@ -20,25 +20,18 @@ import torch
 
 from cmssft.engine.checkpoint import load_checkpoint
 
+from .conftest import SHARED_ONLY, TINY_DATA
+
 REPO = Path(__file__).resolve().parents[1]
 ITERS = 3  # optimizer steps per epoch; 2 epochs
 TINY_RUN = [
-    "data.height=64",
-    "data.width=32",
-    "data.ids_per_batch=2",
-    "data.images_per_id=2",
-    "data.num_workers=0",
-    "model.backbone=resnet18",
-    "model.pretrained=none",
-    "model.use_specific=false",  # a small model keeps each checkpoint write short
-    "model.project_adversarial=false",
-    "model.reconstruction=false",
+    *TINY_DATA,
+    *SHARED_ONLY,  # a small model keeps each checkpoint write short
     "train.epochs=2",
     f"train.iters_per_epoch={ITERS}",
     "train.lr=0.01",
     "train.warmup_epochs=1",
     "train.eval_every=0",
-    "train.device=cpu",
     "train.deterministic=true",
     "eval.trials=1",
     "eval.batch_size=64",

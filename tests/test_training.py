@@ -10,14 +10,10 @@ import torch
 from cmssft.engine.checkpoint import load_checkpoint
 from cmssft.engine.entry import train_main
 
+from .conftest import TINY_DATA
+
 TINY_TRAIN = [
-    "data.height=64",
-    "data.width=32",
-    "data.ids_per_batch=2",
-    "data.images_per_id=2",
-    "data.num_workers=0",
-    "model.backbone=resnet18",
-    "model.pretrained=none",
+    *TINY_DATA,
     "model.specific_from=layer4",
     "train.epochs=2",
     "train.iters_per_epoch=2",
@@ -25,7 +21,6 @@ TINY_TRAIN = [
     "train.lr=3e-4",
     "train.warmup_epochs=1",
     "train.eval_every=1",
-    "train.device=cpu",
     "train.deterministic=true",  # bitwise-reproducible CPU kernels, so resume can be compared exactly
     "train.log_every=1",
     "eval.trials=2",
