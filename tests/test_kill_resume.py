@@ -20,9 +20,8 @@ import torch
 
 from cmssft.engine.checkpoint import load_checkpoint
 
-from .conftest import SHARED_ONLY, TINY_DATA
+from .conftest import REPO_ROOT, SHARED_ONLY, TINY_DATA
 
-REPO = Path(__file__).resolve().parents[1]
 ITERS = 3  # optimizer steps per epoch; 2 epochs
 TINY_RUN = [
     *TINY_DATA,
@@ -98,7 +97,7 @@ def train_command(script: Path, run_dir: Path, root: Path, *extra: str) -> list[
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 
@@ -106,7 +105,7 @@ def run_train(run_dir: Path, root: Path, *extra: str) -> None:
     """train.py to completion; its output goes to run_dir/../<name>.out for the failure message."""
     out = run_dir.parent / f"{run_dir.name}.out"
     with out.open("ab") as handle:
-        code = subprocess.call(train_command(REPO / "train.py", run_dir, root, *extra), cwd=REPO,
+        code = subprocess.call(train_command(REPO_ROOT / "train.py", run_dir, root, *extra), cwd=REPO_ROOT,
                                stdout=handle, stderr=subprocess.STDOUT, env=child_env(), timeout=300)
     assert code == 0, out.read_text()[-3000:]
 
@@ -117,7 +116,7 @@ def start_paused(tmp_path: Path, run_dir: Path, root: Path, pause: str, *extra: 
     script.write_text(PAUSING_TRAIN)
     marker = tmp_path / f"paused-{pause.replace(':', '-')}"
     out = (run_dir.parent / f"{run_dir.name}.out").open("ab")
-    proc = subprocess.Popen(train_command(script, run_dir, root, *extra), cwd=REPO, stdout=out,
+    proc = subprocess.Popen(train_command(script, run_dir, root, *extra), cwd=REPO_ROOT, stdout=out,
                             stderr=subprocess.STDOUT, env=child_env(PAUSE=pause, MARKER=str(marker)))
     out.close()
     deadline = time.monotonic() + 300
@@ -153,8 +152,10 @@ class Reference:
         self.run_dir = run_dir
         self.out = run_dir.parent / f"{run_dir.name}.out"
         with self.out.open("wb") as handle:
-            self.proc = subprocess.Popen(train_command(REPO / "train.py", run_dir, root), cwd=REPO, stdout=handle,
-                                         stderr=subprocess.STDOUT, env=child_env())
+            command = train_command(REPO_ROOT / "train.py", run_dir, root)
+            self.proc = subprocess.Popen(
+                command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=child_env()
+            )
 
     def finished(self) -> Path:
         code = self.proc.wait(timeout=300)

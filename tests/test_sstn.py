@@ -23,9 +23,9 @@ from cmssft.models.sstn import (
 DIM = 8
 
 
-def make_sstn(**kwargs) -> SSTN:
+def make_sstn(seed: int = 1, **kwargs) -> SSTN:
     """An SSTN in eval mode whose BN-neck is a non-trivial affine map."""
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     kwargs.setdefault("temperature", 0.3)
     sstn = SSTN(DIM, **kwargs)
     bn = sstn.neck.bn

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,22 +15,10 @@ import torch
 
 from cmssft.evaluation.evaluator import Evaluator, cosine_blocks, cosine_distance
 from cmssft.evaluation.metrics import DistanceBlocks, evaluate_ranking
-from cmssft.models.sstn import SSTN, dense_distance, top_k
+from cmssft.models.sstn import dense_distance, top_k
 
-REPO = Path(__file__).resolve().parents[1]
-DIM = 8
-
-
-def make_sstn(**kwargs) -> SSTN:
-    """An eval-mode SSTN with a non-trivial BN-neck (running statistics and scale)."""
-    torch.manual_seed(3)
-    kwargs.setdefault("temperature", 0.3)
-    sstn = SSTN(DIM, **kwargs)
-    bn = sstn.neck.bn
-    bn.running_mean.normal_()
-    bn.running_var.uniform_(0.5, 2.0)
-    bn.weight.data.normal_()
-    return sstn.eval()
+from .conftest import REPO_ROOT
+from .test_sstn import DIM, make_sstn
 
 
 def make_bank(n: int, seed: int, specific: bool = True):
@@ -47,7 +34,7 @@ def make_bank(n: int, seed: int, specific: bool = True):
 @pytest.mark.parametrize("specific", [True, False])
 @pytest.mark.parametrize("mode", ["transductive", "single_query"])
 def test_chunked_equals_dense_reference(mode, specific, self_loops, normalize, chunk):
-    sstn = make_sstn(use_specific=specific, topk=3, normalize=normalize, self_loops=self_loops, chunk=chunk)
+    sstn = make_sstn(seed=3, use_specific=specific, topk=3, normalize=normalize, self_loops=self_loops, chunk=chunk)
     query, gallery = make_bank(5, seed=chunk, specific=specific), make_bank(11, seed=chunk + 1, specific=specific)
     chunked = sstn.distance(query, gallery, mode)
     dense = dense_distance(sstn, query, gallery, mode)
@@ -59,7 +46,7 @@ def test_chunked_equals_dense_reference(mode, specific, self_loops, normalize, c
 @pytest.mark.parametrize(("fusion", "affinity_dim", "chunk"), [("residual", 0, 37), ("concat", 5, 300)])
 def test_chunked_equals_dense_on_wide_rows(mode, fusion, affinity_dim, chunk):
     """More than 256 columns: the top-k goes through torch.topk instead of a full sort."""
-    sstn = make_sstn(topk=4, fusion=fusion, affinity_dim=affinity_dim, chunk=chunk)
+    sstn = make_sstn(seed=3, topk=4, fusion=fusion, affinity_dim=affinity_dim, chunk=chunk)
     query, gallery = make_bank(12 if mode == "single_query" else 40, seed=5), make_bank(290, seed=6)
     dense = dense_distance(sstn, query, gallery, mode)
     assert torch.allclose(sstn.distance(query, gallery, mode), dense, atol=1e-5)
@@ -106,7 +93,7 @@ def ranking_labels(num_q: int, num_g: int, seed: int):
 @pytest.mark.parametrize(("exclusion", "dedup", "method"), [("sysu", True, "sort"), ("same_camera", False, "count"),
                                                             ("none", False, "auto")])
 def test_evaluate_ranking_on_blocks_equals_the_full_matrix(exclusion, dedup, method):
-    sstn = make_sstn(topk=3, chunk=7)
+    sstn = make_sstn(seed=3, topk=3, chunk=7)
     query, gallery = make_bank(30, seed=1), make_bank(45, seed=2)
     labels = ranking_labels(30, 45, seed=3)
     blocks = sstn.distance_blocks(query, gallery, "single_query")
@@ -171,7 +158,8 @@ MEMORY_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB is Linux's convention")
 def test_transductive_graph_of_50k_nodes_needs_far_less_than_n_squared_memory():
     n = 50_000
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2")
+    path = str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="2")
     proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n), "2000", "16"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr

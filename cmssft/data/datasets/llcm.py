@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from cmssft.data.datasets.base import list_image_names, read_id_list, read_text_lines, require_dir
+from cmssft.data.datasets.base import found_entries, list_image_names, read_id_list, read_text_lines, require_dir
 from cmssft.data.records import CrossModalDataset, Modality, Sample
 from cmssft.errors import DatasetError
 from cmssft.registry import DATASETS
@@ -57,9 +57,7 @@ def _check_tree(root: Path) -> None:
     missing = [name for name in TREE_ENTRIES if not (root / name).is_dir()]
     missing += [name for name in (*TRAIN_INDEX.values(), TEST_ID_FILE) if not (root / name).is_file()]
     if missing:
-        found = sorted(p.name for p in root.iterdir())
-        shown = ", ".join(found[:8]) + (", ..." if len(found) > 8 else "") if found else "nothing"
-        raise DatasetError(f"{root} lacks {', '.join(missing)} (found {shown}); expected {LAYOUT}")
+        raise DatasetError(f"{root} lacks {', '.join(missing)} (found {found_entries(root)}); expected {LAYOUT}")
 
 
 class _Listing:
