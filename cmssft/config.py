@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -146,7 +147,11 @@ class TrainConfig:
     deterministic: bool = False
     channels_last: bool = True  # CUDA only: NHWC activations for faster convolutions
     compile: bool = False  # wrap the model in torch.compile
-    log_every: int = 20  # iterations between scalar logs
+    log_every: int = 20  # iterations between scalar logs (TensorBoard, metrics.jsonl, log.txt)
+    # last.pth (weights, optimizer, RNG: everything --resume needs) is written at the end, on SIGINT/SIGTERM,
+    # and when either rule below is due; 0 turns a rule off
+    checkpoint_minutes: float = 10.0  # wall-clock minutes since the previous last.pth
+    checkpoint_steps: int = 0  # optimizer steps since the previous last.pth
 
 
 @dataclass
@@ -177,6 +182,31 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 BASE_KEY = "_base_"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with the booleans of YAML 1.2: only ``true``/``false``.
+
+    YAML 1.1 (PyYAML's default) also reads ``off``/``on``/``no``/``yes`` as booleans, so
+    ``model.sstn.test_mode=off`` would arrive as ``False``. Here those words stay strings; a
+    boolean key still accepts them (see :func:`_coerce_scalar`).
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+# Words a person types for a boolean; YAML 1.2 reads all but true/false as strings.
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` as YAML with YAML 1.2 booleans (``off`` is the string 'off')."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -213,7 +243,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = parse_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     return key, value
@@ -223,7 +253,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -309,7 +339,7 @@ def _unknown_key_message(cls: type, prefix: str, key: str) -> str:
         if match and "." not in match[0]:
             match = [prefix + match[0]]
     hint = f" (did you mean '{match[0]}'?)" if match else ""
-    return f"unknown config key '{full}'{hint}"
+    return f"unknown config key {full!r}{hint}"  # repr: a key with a newline still prints on one line
 
 
 def _type_name(tp: Any) -> str:
@@ -347,6 +377,8 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.lower()]
         raise bad
     if tp is int:
         if isinstance(value, bool):
@@ -465,6 +497,8 @@ RANGES: dict[str, Range] = {
     "train.grad_clip": AT_LEAST_0,
     "train.eval_every": AT_LEAST_0,
     "train.log_every": AT_LEAST_1,
+    "train.checkpoint_minutes": AT_LEAST_0,
+    "train.checkpoint_steps": AT_LEAST_0,
     "eval.shots": AT_LEAST_1,
     "eval.trials": AT_LEAST_1,
     "eval.batch_size": AT_LEAST_1,

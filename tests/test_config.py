@@ -110,3 +110,34 @@ def test_every_shipped_config_loads():
     assert len(paths) >= 9
     for path in paths:
         load_config(path)
+
+
+@pytest.mark.parametrize("word", ["off", "on", "no", "yes", "Off", "NO"])
+def test_yaml_1_1_boolean_words_stay_words(word):
+    """YAML 1.1 would read these as booleans; a person typing them means the word."""
+    assert parse_override(f"a={word}") == ("a", word)
+    assert parse_override("a=false") == ("a", False)
+
+
+def test_off_reaches_string_keys_from_overrides_and_files(tmp_path):
+    cfg = load_config(None, ["model.sstn.test_mode=off", "train.amp=off"])
+    assert (cfg.model.sstn.test_mode, cfg.train.amp) == ("off", "off")
+    path = tmp_path / "off.yaml"
+    path.write_text("model:\n  sstn:\n    test_mode: off\ntrain:\n  amp: off\n")
+    cfg = load_config(path)
+    assert (cfg.model.sstn.test_mode, cfg.train.amp) == ("off", "off")
+    save_config(cfg, tmp_path / "saved.yaml")  # and the saved run config reads back the same
+    assert load_config(tmp_path / "saved.yaml").model.sstn.test_mode == "off"
+
+
+@pytest.mark.parametrize("word, value", [("on", True), ("yes", True), ("true", True), ("off", False), ("no", False)])
+def test_boolean_keys_take_the_words_as_booleans(tmp_path, word, value):
+    assert load_config(None, [f"train.deterministic={word}"]).train.deterministic is value
+    path = tmp_path / "b.yaml"
+    path.write_text(f"data:\n  cache: {word}\n")
+    assert load_config(path).data.cache is value
+
+
+def test_a_word_that_is_no_boolean_is_refused_for_a_boolean_key():
+    with pytest.raises(ConfigError, match="train.deterministic: expected bool, got 'maybe'"):
+        load_config(None, ["train.deterministic=maybe"])

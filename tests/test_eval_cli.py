@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cmssft.data.datasets import load_dataset
-from cmssft.errors import run_cli
+from cmssft.errors import UserError, run_cli
 from cmssft.evaluation import Evaluator, sysu_community
 from cmssft.evaluation.cli import main
 from cmssft.evaluation.features_io import save_features
@@ -78,6 +78,8 @@ def test_features_end_to_end_json(setup, tmp_path, capsys):
     assert result["mean"]["rank1"] == pytest.approx(1.0) and result["std"]["mAP"] == pytest.approx(0.0)
     printed = capsys.readouterr().out
     assert "mean" in printed and "+- std" in printed and "100.00" in printed
+    assert printed.startswith("test: SYSU-MM01")  # the title train.py gives the same table
+    assert "chance level (random ranking): rank-1 " in printed
 
 
 def test_noisy_features_and_flags(setup, tmp_path):
@@ -188,3 +190,13 @@ def test_regdb_per_trial_features(tmp_path, direction):
     assert result["protocol"] == "regdb" and [t["trial"] for t in result["trials"]] == [1, 2]
     assert all(t["num_query"] == 8 and t["num_gallery"] == 8 for t in result["trials"])
     assert result["mean"]["rank1"] == pytest.approx(1.0)
+
+
+def test_eval_debug_flag_is_documented_and_keeps_the_traceback(setup, tmp_path):
+    _, cfg, _, _ = setup
+    help_text = subprocess.run([sys.executable, str(REPO / "eval.py"), "--help"], capture_output=True, text=True).stdout
+    assert "--debug" in help_text
+    missing = str(tmp_path / "missing.npz")
+    with pytest.raises(UserError):
+        run_cli(main, ["--config", str(cfg), "--features", missing, "--debug"])
+    assert run_cli(main, ["--config", str(cfg), "--features", missing]) == 2

@@ -31,6 +31,7 @@ TINY_RUN = [
     "train.lr=0.01",
     "train.warmup_epochs=1",
     "train.eval_every=0",
+    f"train.checkpoint_steps={ITERS}",  # last.pth at every epoch's end, as the kills below expect
     "train.deterministic=true",
     "eval.trials=1",
     "eval.batch_size=64",
@@ -75,7 +76,8 @@ def train_step(self, batch):
 
 
 def save(obj, f, *args, **kwargs):
-    if KIND == "save" and isinstance(obj, dict) and obj.get("train_state", {}).get("step") == AT:
+    last = isinstance(obj, dict) and "optimizer" in obj  # last.pth, not the weights-only best.pth
+    if KIND == "save" and last and obj["train_state"]["step"] == AT:
         buffer = io.BytesIO()
         real_save(obj, buffer, *args, **kwargs)
         data = buffer.getvalue()
@@ -231,7 +233,8 @@ def test_full_disk_keeps_the_previous_checkpoint_and_resume_finishes(sysu_root, 
         return real_save(obj, f, *args, **kwargs)
 
     run_dir = tmp_path / "full"
-    args = ["--run-dir", str(run_dir), f"data.root={sysu_root}", *TINY_RUN, "train.iters_per_epoch=1"]
+    one_step_epochs = ["train.iters_per_epoch=1", "train.checkpoint_steps=1"]
+    args = ["--run-dir", str(run_dir), f"data.root={sysu_root}", *TINY_RUN, *one_step_epochs]
     monkeypatch.setattr(torch, "save", full_disk)
     from cmssft.engine.trainer import CheckpointWriteError
 

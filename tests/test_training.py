@@ -88,3 +88,60 @@ def test_resume_continues_to_the_same_weights(trained_run, sysu_root, tmp_path):
     assert resumed["train_state"]["epoch"] == 2
     for key, value in straight["model"].items():
         assert torch.allclose(value.float(), resumed["model"][key].float(), atol=1e-6), key
+
+
+def test_best_pth_holds_only_what_evaluation_needs(trained_run):
+    best, last = load_checkpoint(trained_run / "best.pth"), load_checkpoint(trained_run / "last.pth")
+    assert {"optimizer", "scheduler", "rng"}.isdisjoint(best)
+    assert {"model", "config", "num_classes"} <= set(best) and best["train_state"]["epoch"] == 2
+    assert best["model"].keys() == last["model"].keys()
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+    assert (trained_run / "best.pth").stat().st_size < (trained_run / "last.pth").stat().st_size
+    modes = {(trained_run / name).stat().st_mode & 0o777 for name in ("best.pth", "last.pth", "config.yaml")}
+    assert len(modes) == 1, modes  # created like every other file of the run
+
+
+def test_log_txt_keeps_the_losses_and_the_results_table(trained_run):
+    log = (trained_run / "log.txt").read_text()
+    assert "epoch 1 step 1: total " in log and "epoch 2 step 4: total " in log  # train.log_every=1
+    assert "epoch 2/2: mean loss " in log
+    assert "test: SYSU-MM01" in log and "+- std" in log and "chance level (random ranking)" in log
+
+
+def test_resume_of_a_finished_run_from_its_own_config_says_so(trained_run, capsys):
+    """``--config runs/<run>/config.yaml --resume`` finds that run; it is finished, so nothing changes."""
+    before = {name: (trained_run / name).read_bytes() for name in ("metrics.jsonl", "last.pth")}
+    capsys.readouterr()
+    assert train_main(["--config", str(trained_run / "config.yaml"), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{trained_run} already finished all 2 epochs; nothing to do" in printed
+    assert "resumed from" not in printed and "chance level" not in printed
+    assert {name: (trained_run / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["train.checkpoint_minutes=0"], [("best.pth", 4), ("last.pth", 4)]),  # only at the end
+        (
+            ["train.checkpoint_minutes=0", "train.checkpoint_steps=3"],
+            [("last.pth", 3), ("best.pth", 4), ("last.pth", 4)],  # step 3: mid-epoch 2
+        ),
+        ([], [("best.pth", 4), ("last.pth", 4)]),  # the default, 10 minutes, never comes due in a short run
+    ],
+)
+def test_last_pth_is_written_on_its_schedule(tmp_path, sysu_root, monkeypatch, extra, expected):
+    from cmssft.engine import trainer as trainer_module
+
+    from .conftest import SHARED_ONLY
+
+    written = []
+    real_save = trainer_module.save_atomic
+
+    def recording_save(state, path):
+        written.append((path.name, state["train_state"]["step"]))
+        real_save(state, path)
+
+    monkeypatch.setattr(trainer_module, "save_atomic", recording_save)
+    train(tmp_path / "run", sysu_root, *SHARED_ONLY, "train.eval_every=0", "eval.trials=1", *extra)
+    assert written == expected

@@ -1,14 +1,25 @@
-"""Checkpoints that survive a crash at any moment.
+"""Checkpoints that survive a crash at any moment and never run code when read.
 
-A checkpoint is written to a temporary file in the same folder, flushed to disk
+A checkpoint is written to a temporary file in the same folder (created with the
+permissions the umask allows, like any other file of the run), flushed to disk
 and renamed over the old one, so the previous checkpoint stays loadable until
 the new one is complete.
+
+Checkpoints hold only tensors and plain Python values (dicts, lists, tuples,
+numbers, strings, None) and are read with ``torch.load(weights_only=True)``: a
+crafted pickle is refused before any of its code runs. Two kinds exist:
+
+- ``last.pth`` (:data:`RESUME_KEYS`): everything a run needs to continue;
+- ``best.pth`` (:data:`EVAL_KEYS` plus ``train_state``): the weights and what
+  rebuilding the model needs, no optimizer state.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +29,22 @@ from cmssft.errors import UserError
 
 LAST = "last.pth"
 BEST = "best.pth"
+EVAL_KEYS = ("model", "config", "num_classes")  # what evaluation and export need
+RESUME_KEYS = (*EVAL_KEYS, "optimizer", "scheduler", "scaler", "train_state", "rng")  # what --resume needs
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+        os.replace(tmp, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 
@@ -48,17 +62,49 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", need: tuple[str, ...] = EVAL_KEYS
+) -> dict[str, Any]:
+    """Read a checkpoint without executing anything in it; ``need``: the entries the caller uses.
+
+    Anything but a readable cmssft checkpoint holding ``need`` is a one-line :class:`UserError`.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise UserError(f"{path} is not a cmssft checkpoint (no 'model' entry)")
+        with warnings.catch_warnings():  # a foreign pickle protocol warns before it is refused
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = _unpickling_reason(str(err))
+        if "global" in reason.lower():  # a reference to a function or class: what a crafted pickle calls
+            raise UserError(
+                f"checkpoint {path} was refused and nothing in it was run: it names a Python object, not only "
+                f"tensors and plain values ({reason}); cmssft checkpoints never do"
+            ) from None
+        raise UserError(f"checkpoint {path} cannot be read (not a file written by torch.save: {reason})") from None
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+        first = (str(err).splitlines() or [""])[0].split(". ")[0]
+        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}: {first[:200]})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a cmssft checkpoint (it holds a {type(state).__name__}, not a dict)")
+    missing = [key for key in need if key not in state]
+    if missing:
+        raise UserError(
+            f"{path} is not a cmssft checkpoint of the kind needed here: it lacks {', '.join(map(repr, missing))} "
+            f"(train.py writes {', '.join(need)})"
+        )
     return state
+
+
+def _unpickling_reason(message: str) -> str:
+    """The one informative line of torch's weights-only refusal (which spans a dozen lines)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if "unsupported" in line.lower():
+            return line[:200]
+    return (lines[0] if lines else "unreadable")[:200]
 
 
 def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from cmssft.config import Config, load_config
-from cmssft.engine.checkpoint import LAST, load_checkpoint
+from cmssft.engine.checkpoint import LAST, RESUME_KEYS, load_checkpoint
 from cmssft.engine.distributed import DistContext, context_from_env, process_group
 from cmssft.engine.run_dir import make_run_dir, setup_logging, write_run_config
 from cmssft.engine.signals import TrainingInterrupted
@@ -33,9 +33,12 @@ def parse_train_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def find_resume_dir(cfg: Config, config_path: str | None, run_dir: str | None) -> Path:
-    """The run to resume: the one named, else the newest run of this config holding last.pth."""
+    """The run to resume: the one named (``--run-dir``, ``run_name``, or the run whose own
+    ``config.yaml`` is ``--config``), else the newest run of this config holding last.pth."""
     if run_dir:
         path = Path(run_dir)
+    elif config_path and (Path(config_path).parent / LAST).is_file():
+        path = Path(config_path).parent  # --config runs/<run>/config.yaml: that run
     elif cfg.run_name:
         path = Path(cfg.output_dir) / cfg.run_name
     else:
@@ -82,7 +85,8 @@ def _train(
     args: argparse.Namespace, cfg: Config, run_dir: Path | None, device: torch.device, dist: DistContext
 ) -> int:
     from cmssft.engine.build import build_trainer, prepare_dataset
-    from cmssft.engine.evaluate import ProtocolEvaluation, chance_line
+    from cmssft.engine.evaluate import ProtocolEvaluation
+    from cmssft.evaluation.report import chance_line
 
     cfg, run_dir = dist.from_main(lambda: (cfg, run_dir))  # the run rank 0 continues, if any, is everyone's
     dataset = dist.main_first(lambda: prepare_dataset(cfg))  # bad data fails here, before a run directory exists
@@ -95,16 +99,21 @@ def _train(
     seed_everything(cfg.seed, cfg.train.deterministic)  # the same seed everywhere: identical initial weights
     trainer = build_trainer(cfg, dataset, device, run_dir, dist)
     if args.resume:
-        trainer.restore(load_checkpoint(run_dir / LAST, map_location=device))
-        LOG.info("resumed from %s at epoch %d", run_dir / LAST, trainer.state.epoch)
+        trainer.restore(load_checkpoint(run_dir / LAST, map_location=device, need=RESUME_KEYS))
+        if trainer.finished:
+            LOG.info(
+                "%s already finished all %d epochs; nothing to do (add train.epochs=N with N > %d to train longer)",
+                run_dir, cfg.train.epochs, cfg.train.epochs,
+            )
+            return 0
+        LOG.info("resumed from %s at epoch %d, step %d", run_dir / LAST, trainer.state.epoch, trainer.state.step)
     try:
         trainer.fit()
     except TrainingInterrupted as stop:
         LOG.warning("%s", stop)
         return stop.exit_code
     for evaluation in trainer.evaluators.values():
-        if isinstance(evaluation, ProtocolEvaluation):
-            print(evaluation.table())
-            print(chance_line(evaluation.protocol))
+        if isinstance(evaluation, ProtocolEvaluation) and evaluation.last_summary is not None:
+            LOG.info("\n%s\n%s", evaluation.table(), chance_line(evaluation.protocol))
     LOG.info("finished; checkpoints in %s", run_dir)
     return 0

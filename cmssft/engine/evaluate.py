@@ -22,7 +22,7 @@ from cmssft.engine.inference import extract_features, model_score_fn
 from cmssft.engine.metrics_log import MetricsLogger
 from cmssft.engine.trainer import EvaluateFn
 from cmssft.evaluation import protocols as P
-from cmssft.evaluation.cli import build_protocol, resolve_protocol
+from cmssft.evaluation.build import build_protocol, resolve_protocol
 from cmssft.evaluation.evaluator import Evaluator
 from cmssft.evaluation.report import format_table, summarize
 from cmssft.evaluation.visualize import ranked_lists_image, save_png
@@ -89,23 +89,6 @@ class ProtocolEvaluation:
         if self.last_summary is None:
             return ""
         return format_table(self.last_summary, title=f"{self.split}: {self.protocol.description}")
-
-
-def chance_level(protocol: P.Protocol, draws: int = 5, seed: int = 0) -> dict[str, float]:
-    """Mean metrics of random rankings under ``protocol``: the floor a model must clear."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def random_scores(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-        return torch.rand(len(query), len(gallery), generator=generator)
-
-    bank = torch.zeros(len(protocol.candidates), 1)
-    results = [r for _ in range(draws) for r in Evaluator(random_scores).evaluate(protocol, bank)]
-    return summarize(protocol.name, results)["mean"]
-
-
-def chance_line(protocol: P.Protocol) -> str:
-    chance = chance_level(protocol)
-    return f"chance level (random ranking): rank-1 {chance['rank1']:.2%}  mAP {chance['mAP']:.2%}"
 
 
 def build_evaluators(

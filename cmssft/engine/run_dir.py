@@ -10,6 +10,12 @@ from pathlib import Path
 from cmssft.config import Config, save_config
 
 LOGGER_NAME = "cmssft"
+# ``LOG.info(..., extra=FILE_ONLY)``: a line for log.txt alone (per-step losses), not the console.
+FILE_ONLY = {"file_only": True}
+
+
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, "file_only", False)
 
 
 def make_run_dir(cfg: Config, config_path: str | None) -> Path:
@@ -37,6 +43,7 @@ def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> log
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(formatter)
+    console.addFilter(_not_file_only)
     logger.addHandler(console)
     if run_dir is not None:
         file_handler = logging.FileHandler(run_dir / "log.txt")

@@ -3,7 +3,9 @@
 One optimizer trains everything (extractor, SSTN, heads); adversarial terms act
 through gradient reversal inside the model. The loop logs every loss term,
 learning rates, gradient norm and model statistics, evaluates periodically,
-and writes ``last.pth`` after every epoch and ``best.pth`` by the selection rule.
+writes ``last.pth`` on the schedule of ``train.checkpoint_minutes`` /
+``train.checkpoint_steps`` (and at the end, and on a signal), and ``best.pth``
+(weights only) by the selection rule.
 
 Under ``torchrun`` every process runs this loop on its own shard of the batches
 through the DDP-wrapped ``train_model``; decisions that must not differ between
@@ -17,7 +19,7 @@ import itertools
 import logging
 import math
 import re
-import shutil
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,11 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cmssft.config import Config, config_to_dict
 from cmssft.engine.checkpoint import BEST, LAST, save_atomic
 from cmssft.engine.distributed import DistContext
 from cmssft.engine.metrics_log import MetricsLogger
+from cmssft.engine.run_dir import FILE_ONLY
 from cmssft.engine.signals import StopSignals, TrainingInterrupted
 from cmssft.errors import UserError
 from cmssft.utils.runtime import rng_state, set_rng_state
@@ -112,6 +116,8 @@ class Trainer:
         self.bad_steps = 0
         self.latest_stats: dict[str, float] = {}
         self.signals = StopSignals()
+        self._saved_at = (time.monotonic(), 0)  # (clock, step) of the latest last.pth
+        self._epoch_loss = (0.0, 0)  # (sum of total losses, steps) of the current epoch, for its summary line
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -135,10 +141,20 @@ class Trainer:
         self.state = TrainState(**state["train_state"])
         set_rng_state(state["rng"])
 
+    def best_state(self) -> dict:
+        """What evaluation needs (weights, config), and the epoch they come from; no optimizer state."""
+        return {
+            "model": self.model.state_dict(),
+            "config": config_to_dict(self.cfg),
+            "num_classes": self.num_classes,
+            "train_state": vars(self.state).copy(),
+        }
+
     def save(self, name: str) -> Path:
+        """``last.pth``: the whole resumable state; ``best.pth``: :meth:`best_state`."""
         path = self.run_dir / name
         try:
-            save_atomic(self.checkpoint_state(), path)
+            save_atomic(self.best_state() if name == BEST else self.checkpoint_state(), path)
         except OSError as err:
             message = (
                 f"could not write {path} ({err.strerror or err}); the previous checkpoint is intact: "
@@ -146,7 +162,17 @@ class Trainer:
             )
             LOG.error("%s", message)
             raise CheckpointWriteError(message) from err
+        if name == LAST:
+            self._saved_at = (time.monotonic(), self.state.step)
         return path
+
+    def checkpoint_due(self) -> bool:
+        """Whether ``train.checkpoint_minutes`` or ``train.checkpoint_steps`` has passed since last.pth."""
+        clock, step = self._saved_at
+        minutes, steps = self.cfg.train.checkpoint_minutes, self.cfg.train.checkpoint_steps
+        return (steps > 0 and self.state.step - step >= steps) or (
+            minutes > 0 and time.monotonic() - clock >= 60.0 * minutes
+        )
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files of writes that a kill interrupted; the finished checkpoints never need them."""
@@ -160,6 +186,10 @@ class Trainer:
     def iters_per_epoch(self) -> int:
         return self._iters if self._iters is not None else len(self.loader)
 
+    @property
+    def finished(self) -> bool:
+        return self.state.epoch >= self.cfg.train.epochs
+
     def fit(self) -> TrainState:
         """Train to ``train.epochs``; SIGINT/SIGTERM save ``last.pth`` and raise :class:`TrainingInterrupted`."""
         total = self.cfg.train.epochs * self.iters_per_epoch
@@ -167,8 +197,9 @@ class Trainer:
         bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=not self.dist.is_main)
         if self.dist.is_main:
             self.remove_stale_temporaries()
+        self._saved_at = (time.monotonic(), self.state.step)
         try:
-            with self.signals:
+            with self.signals, logging_redirect_tqdm([LOG]):
                 while self.state.epoch < self.cfg.train.epochs:
                     self.train_epoch(bar)
                     self.state.epoch += 1
@@ -190,12 +221,16 @@ class Trainer:
             self.state.step += 1
             self.state.batch += 1
             bar.update(1)
-            if self.state.batch < self.iters_per_epoch:  # at the epoch's end, end_of_epoch saves first
-                self.stop_if_signalled()
             if terms is not None:
                 bar.set_postfix(epoch=self.state.epoch + 1, loss=f"{terms['total']:.3f}", refresh=False)
+                total, steps = self._epoch_loss
+                self._epoch_loss = (total + terms["total"], steps + 1)
                 if self.state.step % self.cfg.train.log_every == 0 or self.state.step == 1:
                     self.log_step(terms, grad_norm)
+            if self.state.batch < self.iters_per_epoch:  # at the epoch's end, end_of_epoch saves first
+                self.stop_if_signalled()
+                if self.dist.is_main and self.checkpoint_due():
+                    self.save(LAST)
 
     def train_step(self, batch: dict) -> tuple[dict[str, float] | None, float]:
         """One optimizer step; returns the loss terms, or None when the step was skipped."""
@@ -255,33 +290,42 @@ class Trainer:
             values[f"lr/{group.get('name', i)}"] = group["lr"]
         values.update({f"model/{k}": v for k, v in self.latest_stats.items()})
         self.metrics.scalars(values, self.state.step, epoch=self.state.epoch + 1)
+        losses = "  ".join(f"{k} {terms[k]:.4f}" for k in sorted(terms, key=lambda k: k != "total"))  # total first
+        LOG.info("epoch %d step %d: %s  grad_norm %.3f", self.state.epoch + 1, self.state.step, losses, grad_norm,
+                 extra=FILE_ONLY)
 
     # ------------------------------------------------------------------ evaluation and selection
 
     def end_of_epoch(self) -> None:
         """Rank 0 evaluates and writes checkpoints; the other processes wait for it."""
         if self.dist.is_main:
+            total, steps = self._epoch_loss
+            mean = f"{total / steps:.4f}" if steps else "n/a"
+            LOG.info("epoch %d/%d: mean loss %s over %d steps", self.state.epoch, self.cfg.train.epochs, mean, steps)
+            self._epoch_loss = (0.0, 0)
             self.evaluate_and_save()
         self.dist.barrier()
 
     def evaluate_and_save(self) -> None:
+        """Evaluate when due; best.pth when validation improves (no validation split: the final epoch);
+        last.pth at the end, when best.pth changed (so a resumed run knows its best) and when due."""
         epoch, every = self.state.epoch, self.cfg.train.eval_every
         last = epoch == self.cfg.train.epochs
         results: dict[str, dict[str, float]] = {}
         if last or (every > 0 and epoch % every == 0):
             results = self.evaluate()
         self.state.history.append({"epoch": epoch, **{f"{s}/{k}": v for s, r in results.items() for k, v in r.items()}})
-        improved = self.select_on is None or (
-            self.select_on in results and results[self.select_on]["mAP"] > self.state.best_value
-        )
+        if self.select_on is None:
+            improved = last
+        else:
+            improved = self.select_on in results and results[self.select_on]["mAP"] > self.state.best_value
         if improved:
             self.state.best_epoch = epoch
             if self.select_on is not None:
                 self.state.best_value = results[self.select_on]["mAP"]
-        path = self.save(LAST)
-        if improved:
-            shutil.copyfile(path, self.run_dir / f".{BEST}.tmp")
-            (self.run_dir / f".{BEST}.tmp").replace(self.run_dir / BEST)
+            self.save(BEST)
+        if last or improved or self.checkpoint_due():
+            self.save(LAST)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         results = {}

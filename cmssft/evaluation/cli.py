@@ -14,15 +14,13 @@ from cmssft.config import Config, load_config
 from cmssft.data.records import CrossModalDataset, Sample
 from cmssft.errors import UserError
 from cmssft.evaluation import protocols as P
+from cmssft.evaluation.build import build_protocol, resolve_protocol
 from cmssft.evaluation.evaluator import Bank, Evaluator, ScoreFn, TrialResult
 from cmssft.evaluation.features_io import TRIAL_PLACEHOLDER, bank_from_features, load_features, trial_path
-from cmssft.evaluation.report import format_table, summarize, write_json
+from cmssft.evaluation.report import chance_line, format_table, summarize, write_json
 
 log = logging.getLogger("cmssft.eval")
 
-PROTOCOL_DATASET = {"sysu": "sysu_mm01", "sysu-official": "sysu_mm01", "regdb": "regdb", "llcm": "llcm",
-                    "custom": "custom"}
-AUTO_PROTOCOL = {"sysu_mm01": "sysu", "regdb": "regdb", "llcm": "llcm", "custom": "custom"}
 REGDB_TRIALS = 10
 
 BankSource = Callable[[CrossModalDataset, P.Protocol, int], tuple[Bank, "ScoreFn | None"]]
@@ -51,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the per-trial and mean/std results here")
     p.add_argument("--vis", help="folder for ranked-list PNGs of the first trial")
     p.add_argument("--vis-queries", type=int, default=8, help="queries drawn with --vis")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=/data/SYSU-MM01")
     return p
 
@@ -65,19 +64,6 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     if args.rerank:
         out.append("eval.rerank=true")
     return out
-
-
-def resolve_protocol(cfg: Config) -> str:
-    """``eval.protocol`` with ``auto`` mapped from the dataset; a mismatch is a user error."""
-    name = cfg.eval.protocol
-    if name == "auto":
-        if cfg.data.name not in AUTO_PROTOCOL:
-            raise UserError(f"no default protocol for dataset {cfg.data.name!r}; pass --protocol")
-        return AUTO_PROTOCOL[cfg.data.name]
-    if PROTOCOL_DATASET[name] != cfg.data.name:
-        raise UserError(f"protocol {name} evaluates {PROTOCOL_DATASET[name]}, but data.name is "
-                        f"{cfg.data.name!r}")
-    return name
 
 
 @dataclass
@@ -105,40 +91,6 @@ def build_units(cfg: Config, name: str, args: argparse.Namespace) -> list[Unit]:
     dataset = load_dataset(d.name, d.root, train_ids=d.train_ids, trial=d.trial, manifest=d.manifest)
     protocol = build_protocol(cfg, dataset, name, perm_path=args.rand_perm, exclusion=args.exclusion)
     return [Unit(dataset, protocol, -1)]
-
-
-def build_protocol(
-    cfg: Config,
-    dataset: CrossModalDataset,
-    name: str,
-    *,
-    perm_path: str | None = None,
-    exclusion: str = "same_camera",
-) -> P.Protocol:
-    """The protocol ``name`` on ``dataset`` with the settings of ``cfg.eval`` (RegDB: ``cfg.data.trial``)."""
-    e = cfg.eval
-    if name == "sysu":
-        if e.shots != 1:
-            raise UserError("the community SYSU-MM01 protocol is single-shot; use --protocol sysu-official "
-                            "for multi-shot (--shots 10)")
-        return P.sysu_community(dataset, e.mode, e.trials)
-    if name == "sysu-official":
-        return P.sysu_official(dataset, perm_path, e.mode, e.shots, e.trials)
-    if name == "regdb":
-        return P.regdb(dataset, cfg.data.trial, e.direction)
-    if name == "llcm":
-        return build_llcm(cfg, dataset)
-    return P.custom(dataset, exclusion)
-
-
-def build_llcm(cfg: Config, dataset: CrossModalDataset) -> P.Protocol:
-    """LLCM takes only a direction and a number of trials; SYSU-MM01's search options are mistakes here."""
-    e = cfg.eval
-    if e.shots != 1:
-        raise UserError(f"the LLCM protocol is single-shot; --shots {e.shots} is for --protocol sysu-official")
-    if e.mode != "all":
-        raise UserError(f"--mode {e.mode} is a SYSU-MM01 search mode; LLCM takes --direction ir2vis|vis2ir")
-    return P.llcm(dataset, e.trials, e.direction)  # type: ignore[arg-type]  (RegDB directions raise there)
 
 
 def features_source(template: str, data_name: str) -> BankSource:
@@ -177,8 +129,8 @@ def checkpoint_source(cfg: Config, template: str) -> BankSource:
     return source
 
 
-def run(cfg: Config, args: argparse.Namespace) -> dict:
-    """Evaluate every unit and return the summary :func:`summarize` builds."""
+def run(cfg: Config, args: argparse.Namespace) -> tuple[dict, P.Protocol]:
+    """Evaluate every unit; the summary :func:`summarize` builds, and the first unit's protocol."""
     name = resolve_protocol(cfg)
     units = build_units(cfg, name, args)
     source = (features_source(args.features, cfg.data.name) if args.features
@@ -195,7 +147,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     if name == "regdb":
         settings["description"] = f"RegDB trials {', '.join(str(u.trial) for u in units)}, " \
                                   f"{'thermal->visible' if cfg.eval.direction == 't2v' else 'visible->thermal'}"
-    return summarize(name, results, settings)
+    return summarize(name, results, settings), units[0].protocol
 
 
 def _save_pictures(evaluator: Evaluator, protocol: P.Protocol, bank: Bank, folder: Path, count: int) -> None:
@@ -214,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
-    summary = run(cfg, args)
-    print(format_table(summary, title=f"{summary['protocol']}: {summary['settings'].get('description', '')}"))
+    summary, protocol = run(cfg, args)
+    print(format_table(summary, title=f"test: {summary['settings'].get('description', '')}"))
+    print(chance_line(protocol))
     if args.json:
         write_json(summary, args.json)
         print(f"results written to {args.json}")

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from cmssft.evaluation.evaluator import TrialResult
+from cmssft.evaluation.evaluator import Evaluator, TrialResult
+from cmssft.evaluation.protocols import Protocol
 
 SUMMARY_KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
 
@@ -70,3 +72,20 @@ def write_json(summary: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def chance_level(protocol: Protocol, draws: int = 5, seed: int = 0) -> dict[str, float]:
+    """Mean metrics of random rankings under ``protocol``: the floor a model must clear."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def random_scores(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+        return torch.rand(len(query), len(gallery), generator=generator)
+
+    bank = torch.zeros(len(protocol.candidates), 1)
+    results = [r for _ in range(draws) for r in Evaluator(random_scores).evaluate(protocol, bank)]
+    return summarize(protocol.name, results)["mean"]
+
+
+def chance_line(protocol: Protocol) -> str:
+    chance = chance_level(protocol)
+    return f"chance level (random ranking): rank-1 {chance['rank1']:.2%}  mAP {chance['mAP']:.2%}"

@@ -1,0 +1,134 @@
+"""Checkpoints: reading one never runs code; bad files are one line; the two kinds and their files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmssft.engine.checkpoint import EVAL_KEYS, RESUME_KEYS, load_checkpoint, save_atomic
+from cmssft.errors import UserError
+
+from .conftest import REPO_ROOT
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what a crafted checkpoint would do with ``os.system``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def crafted_checkpoints(folder: Path, marker: Path) -> list[Path]:
+    """The payload inside a cmssft-looking dict, once in torch.save's zip format and once as a bare pickle."""
+    state = {"model": {"w": torch.ones(2)}, "config": {}, "num_classes": 2, "payload": _Payload(marker)}
+    zipped, bare = folder / "evil_zip.pth", folder / "evil_pickle.pth"
+    torch.save(state, zipped)
+    bare.write_bytes(pickle.dumps(state))
+    return [zipped, bare]
+
+
+def test_the_payload_runs_when_unpickled_unsafely(tmp_path):
+    """The control: the crafted files really execute their payload when loaded the unsafe way."""
+    for i, path in enumerate(crafted_checkpoints(tmp_path, tmp_path / "ran")):
+        (tmp_path / "ran").unlink(missing_ok=True)
+        if i == 0:
+            torch.load(path, weights_only=False)
+        else:
+            pickle.loads(path.read_bytes())
+        assert (tmp_path / "ran").exists()
+
+
+def test_a_crafted_checkpoint_is_refused_without_running(tmp_path):
+    marker = tmp_path / "ran"
+    for path in crafted_checkpoints(tmp_path, marker):
+        with pytest.raises(UserError) as err:
+            load_checkpoint(path)
+        assert "\n" not in str(err.value)
+        assert not marker.exists(), f"{path.name}: the payload ran"
+    with pytest.raises(UserError, match="refused and nothing in it was run"):
+        load_checkpoint(tmp_path / "evil_zip.pth")
+
+
+def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / script), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "it/s]" not in line]  # no progress bars
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_eval_py_refuses_a_crafted_checkpoint(tmp_path, sysu_root):
+    marker = tmp_path / "ran"
+    for path in crafted_checkpoints(tmp_path, marker):
+        proc = run_script("eval.py", "--config", str(REPO_ROOT / "configs/demo.yaml"), "--checkpoint", str(path),
+                          f"data.root={sysu_root}", cwd=tmp_path)
+        assert one_line_error(proc).startswith("error: checkpoint")
+        assert not marker.exists()
+
+
+def test_resume_refuses_a_crafted_last_pth(tmp_path, sysu_root):
+    from cmssft.config import load_config, save_config
+
+    from .conftest import TINY_DATA
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(load_config(None, [f"data.root={sysu_root}", *TINY_DATA]), run_dir / "config.yaml")
+    marker = tmp_path / "ran"
+    crafted_checkpoints(tmp_path, marker)
+    (tmp_path / "evil_zip.pth").rename(run_dir / "last.pth")
+    args = ["--run-dir", str(run_dir), "--resume"]
+    proc = run_script("train.py", *args, cwd=tmp_path)
+    assert "refused and nothing in it was run" in one_line_error(proc)
+    assert not marker.exists()
+
+
+def test_foreign_truncated_and_configless_checkpoints_are_one_line(tmp_path, sysu_root):
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "no_config.pth")  # a bare state dict someone saved
+    torch.save({"model": {"w": torch.ones(4096)}, "config": {}, "num_classes": 2}, tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "foreign.pth").write_bytes(pickle.dumps(["a", "list", 3]))
+    torch.save(torch.ones(3), tmp_path / "tensor.pth")
+    expected = {
+        "no_config.pth": "lacks 'config', 'num_classes'",
+        "truncated.pth": "cannot be read",
+        "foreign.pth": "cannot be read",
+        "tensor.pth": "not a cmssft checkpoint (it holds a Tensor",
+    }
+    for name, message in expected.items():
+        proc = run_script("eval.py", "--config", str(REPO_ROOT / "configs/demo.yaml"), "--checkpoint",
+                          str(tmp_path / name), f"data.root={sysu_root}", cwd=tmp_path)
+        assert message in one_line_error(proc), name
+
+
+def test_resume_needs_the_resumable_kind(tmp_path):
+    save_atomic({key: {} for key in EVAL_KEYS}, tmp_path / "best.pth")
+    assert set(load_checkpoint(tmp_path / "best.pth")) == set(EVAL_KEYS)
+    with pytest.raises(UserError, match="lacks 'optimizer', 'scheduler'"):
+        load_checkpoint(tmp_path / "best.pth", need=RESUME_KEYS)
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        save_atomic({"model": {}}, tmp_path / "a.pth")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.pth").stat().st_mode & 0o777 == 0o640
+    save_atomic({"model": {}}, tmp_path / "b.pth")
+    assert (tmp_path / "b.pth").stat().st_mode & 0o777 == 0o666 & ~previous
