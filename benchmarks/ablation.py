@@ -1,73 +1,206 @@
-"""Train every ablation config and score it transductively and single-query.
+"""Seeded ablation: train each row at one scale over several seeds, score every test mode, report mean +- std.
 
-    python benchmarks/ablation.py [--configs configs/ablation/*.yaml] [--out runs/ablation]
+    python benchmarks/ablation.py --scale configs/benchmarks/demo.yaml --rows baseline full --seeds 0 1 2
+    python benchmarks/ablation.py --scale configs/benchmarks/gpu.yaml --rows baseline full --jobs 4
+    python benchmarks/ablation.py --scale configs/benchmarks/demo.yaml --rows full --set model.sstn.cross_k=0
 
-For each config: ``train.py`` into ``<out>/<name>``, then ``eval.py`` on its
-``best.pth`` with ``model.sstn.test_mode`` = transductive and single_query.
-Prints one JSON line per (config, mode) and a Markdown table for docs/RESULTS.md.
+A *row* is a ``configs/ablation/<row>.yaml`` (or any config path); a *scale* is a YAML file of
+overrides applied on top of it (data size, schedule, device); ``--set key=value`` adds more. Every
+run is ``train.py`` with ``seed=S`` and ``train.deterministic=true`` into
+``<out>/<label>/<row>/seed<S>`` (a finished run there is reused, so an interrupted ablation
+continues). Its ``best.pth`` is then scored, from features extracted once, in each test mode:
+``transductive`` and ``single_query`` SSTN, ``off`` (the same model without transfer) and
+``off+rerank`` (off with k-reciprocal re-ranking, the standard transductive post-processing the
+transductive SSTN must beat). Prints one JSON line per run and a Markdown table of mean +- sample
+standard deviation over seeds, with the test graph's statistics; writes both to ``<out>/<label>/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("transductive", "single_query")
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+MODES = ("transductive", "single_query", "off", "off+rerank")
+GRAPH_KEYS = ("query_cross_edges", "cross_same_id_edges", "cross_same_id_weight", "query_same_id_candidates")
 
 
-def run(cmd: list[str]) -> None:
-    print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", default=str(ROOT / "configs/benchmarks/demo.yaml"), help="YAML of overrides")
+    parser.add_argument("--rows", nargs="+", default=["baseline", "full"], help="configs/ablation names or paths")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every run, after the scale's")
+    parser.add_argument("--out", default=str(ROOT / "runs/ablation"))
+    parser.add_argument("--label", help="results folder under --out (default: the scale's name and the --set values)")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once (they share the CPU cores or GPU)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    return parser.parse_args(argv)
 
 
-def evaluate(run_dir: Path, mode: str) -> dict:
-    out = run_dir / f"eval_{mode}.json"
-    run(
-        [
-            sys.executable,
-            "eval.py",
-            "--config",
-            str(run_dir / "config.yaml"),
-            "--checkpoint",
-            str(run_dir / "best.pth"),
-            "--json",
-            str(out),
-            f"model.sstn.test_mode={mode}",
-        ]
-    )
-    return json.loads(out.read_text())["mean"]
+def scale_overrides(path: str) -> list[str]:
+    """A scale file's nested keys as ``a.b=value`` overrides (values JSON-encoded, which YAML reads back)."""
+    from cmssft.config import _read_with_base
+
+    def flat(node: dict, prefix: str) -> list[str]:
+        out = []
+        for key, value in node.items():
+            if isinstance(value, dict):
+                out += flat(value, f"{prefix}{key}.")
+            else:
+                out.append(f"{prefix}{key}={json.dumps(value)}")
+        return out
+
+    return flat(_read_with_base(Path(path)), "")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--configs", nargs="*", default=sorted(str(p) for p in (ROOT / "configs/ablation").glob("*.yaml"))
-    )
-    parser.add_argument("--out", default="runs/ablation")
-    args = parser.parse_args()
-    rows = []
-    for config in args.configs:
-        name = Path(config).stem
-        run_dir = ROOT / args.out / name
-        start = time.time()
-        if not (run_dir / "best.pth").is_file():
-            run([sys.executable, "train.py", "--config", config, "--run-dir", str(run_dir)])
-        seconds = time.time() - start
-        for mode in MODES:
-            mean = evaluate(run_dir, mode)
-            row = {"config": name, "mode": mode, "train_seconds": round(seconds, 1), **mean}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    print("\n| config | test mode | rank-1 | mAP | mINP |\n|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['config']} | {r['mode']} | {100 * r['rank1']:.2f} | {100 * r['mAP']:.2f} | {100 * r['mINP']:.2f} |"
+def row_config(row: str) -> Path:
+    path = Path(row)
+    return path if path.suffix == ".yaml" else ROOT / "configs/ablation" / f"{row}.yaml"
+
+
+def train_command(row: str, seed: int, run_dir: Path, overrides: list[str]) -> list[str]:
+    # deterministic by default; the scale or --set may say otherwise (they come last)
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(row_config(row)), "--run-dir", str(run_dir),
+            "train.deterministic=true", "eval.compare_modes=[]", *overrides, f"seed={seed}"]
+
+
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "best.pth").is_file() and (run_dir / "modes.json").is_file()
+
+
+def train_all(jobs: list[tuple[str, int, Path]], overrides: list[str], parallel: int) -> None:
+    """Run the missing trainings, ``parallel`` at a time, each with its share of the CPU threads."""
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, parallel)))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    pending = [job for job in jobs if not (job[2] / "best.pth").is_file()]
+    running: list[tuple[subprocess.Popen, Path, float]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            row, seed, run_dir = pending.pop(0)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = (run_dir / "train.out").open("w")
+            print(f"+ train {row} seed {seed} -> {run_dir}", file=sys.stderr, flush=True)
+            proc = subprocess.Popen(train_command(row, seed, run_dir, overrides), cwd=ROOT, stdout=log,
+                                    stderr=subprocess.STDOUT, env=env)
+            running.append((proc, run_dir, time.time()))
+        for proc, run_dir, start in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, run_dir, start))
+                if proc.returncode != 0:
+                    tail = (run_dir / "train.out").read_text()[-2000:]
+                    raise SystemExit(f"training failed ({run_dir}, exit {proc.returncode}):\n{tail}")
+                (run_dir / "train_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
+        time.sleep(1.0)
+
+
+def score_modes(run_dir: Path, modes: list[str]) -> dict[str, dict]:
+    """Mean metrics and test-graph statistics of ``best.pth`` in each mode, from one feature extraction."""
+    from cmssft.config import load_config
+    from cmssft.data.datasets import load_dataset
+    from cmssft.data.loader import build_test_loader
+    from cmssft.engine.checkpoint import load_checkpoint
+    from cmssft.engine.inference import extract_features, model_from_checkpoint, model_score_fn
+    from cmssft.evaluation.build import build_protocol, resolve_protocol
+    from cmssft.evaluation.evaluator import Evaluator
+    from cmssft.evaluation.report import summarize
+    from cmssft.utils.runtime import resolve_device
+
+    cfg = load_config(run_dir / "config.yaml")
+    model, _ = model_from_checkpoint(load_checkpoint(run_dir / "best.pth"), str(run_dir / "best.pth"))
+    device = resolve_device(cfg.train.device)
+    model.to(device)
+    d = cfg.data
+    dataset = load_dataset(d.name, d.root, train_ids=d.train_ids, trial=d.trial, manifest=d.manifest)
+    protocol = build_protocol(cfg, dataset, resolve_protocol(cfg))
+    loader = build_test_loader(cfg, protocol.candidates, device_is_cuda=device.type == "cuda")
+    bank = extract_features(model, loader, device, flip=cfg.eval.flip, progress=False)
+    out = {}
+    for mode in modes:
+        if model.sstn is None and mode in ("transductive", "single_query"):
+            continue  # no transfer: every mode is off
+        base, rerank = mode.removesuffix("+rerank"), mode.endswith("+rerank")
+        evaluator = Evaluator(model_score_fn(model, base, device), rerank=rerank)
+        summary = summarize(protocol.name, evaluator.evaluate(protocol, bank))
+        out[mode] = {**summary["mean"], **{f"graph/{k}": v for k, v in summary.get("graph", {}).items()}}
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v == v]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(results: dict[str, dict[int, dict]], modes: list[str]) -> list[dict]:
+    """One entry per (row, mode): mean and sample std over seeds of every metric."""
+    table = []
+    for row, per_seed in results.items():
+        for mode in modes:
+            runs = [r[mode] for r in per_seed.values() if mode in r]
+            if not runs:
+                continue
+            entry = {"row": row, "mode": mode, "seeds": len(runs)}
+            for key in runs[0]:
+                entry[key] = mean_std([r.get(key, float("nan")) for r in runs])
+            table.append(entry)
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    def pm(entry: dict, key: str) -> str:
+        mean, std = entry.get(key, (float("nan"), float("nan")))
+        return "-" if mean != mean else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+    def pct(entry: dict, key: str) -> str:
+        mean, _ = entry.get(f"graph/{key}", (float("nan"), 0.0))
+        return "-" if mean != mean else f"{100 * mean:.1f}"
+
+    lines = [
+        "| row | test mode | seeds | rank-1 | mAP | mINP | query cross edges % | cross edges same id % | chance % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in table:
+        lines.append(
+            f"| {e['row']} | {e['mode']} | {e['seeds']} | {pm(e, 'rank1')} | {pm(e, 'mAP')} | {pm(e, 'mINP')} | "
+            f"{pct(e, 'query_cross_edges')} | {pct(e, 'cross_same_id_edges')} | {pct(e, 'query_same_id_candidates')} |"
         )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    overrides = [*scale_overrides(args.scale), *args.overrides]
+    label = args.label or "-".join([Path(args.scale).stem, *(o.replace("/", "_") for o in args.overrides)])
+    out = Path(args.out) / label
+    jobs = [(row, seed, out / Path(row).stem / f"seed{seed}") for row in args.rows for seed in args.seeds]
+    train_all(jobs, overrides, args.jobs)
+    results: dict[str, dict[int, dict]] = {}
+    for row, seed, run_dir in jobs:
+        if not finished(run_dir):
+            (run_dir / "modes.json").write_text(json.dumps(score_modes(run_dir, args.modes), indent=1) + "\n")
+        scored = json.loads((run_dir / "modes.json").read_text())
+        results.setdefault(Path(row).stem, {})[seed] = scored
+        timing = run_dir / "train_seconds.txt"
+        seconds = timing.read_text().strip() if timing.exists() else ""
+        print(json.dumps({"row": Path(row).stem, "seed": seed, "train_seconds": seconds, **scored}), flush=True)
+    table = aggregate(results, args.modes)
+    text = markdown(table)
+    print(f"\nscale {args.scale}, overrides {args.overrides or 'none'}, seeds {args.seeds}; mean ± sample std, %\n")
+    print(text)
+    (out / "summary.md").write_text(text + "\n")
+    (out / "summary.json").write_text(json.dumps({"scale": args.scale, "overrides": overrides, "seeds": args.seeds,
+                                                  "table": table}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ width ``--dim``) and mode, a fresh subprocess builds ``SSTN.distance_blocks`` an
 ``[rows, G]`` block (keeping each query's best distance, as a ranking would), so the (Q, G) matrix is
 never held. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the process's peak
 RSS (``ru_maxrss``) minus its RSS before the call. Up to ``--dense-max`` nodes the dense reference
-(``cmssft.models.sstn.dense_distance``: the N x N similarity, full sort, dense A x) runs in its own
+(``cmssft.models.sstn_reference.dense_distance``: the N x N similarity, full sort, dense A x) runs in its own
 subprocess too; dense single-query builds one (G+1)-node graph per query, so it runs on the first
 ``--dense-queries`` queries and its time is scaled to all queries (``dense_extrapolated``).
 ``max_abs_diff`` compares the chunked and dense distances on the rows both computed.
@@ -40,7 +40,8 @@ def banks(n: int, dim: int, device: str):
 
 def point(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process."""
-    from cmssft.models.sstn import SSTN, dense_distance
+    from cmssft.models.sstn import SSTN
+    from cmssft.models.sstn_reference import dense_distance
 
     torch.set_num_threads(torch.get_num_threads())
     query, gallery = banks(args.n, args.dim, args.device)

@@ -69,6 +69,11 @@ class SSTNConfig:
 
     enabled: bool = True  # false: no transfer, no fused features, no fused losses
     topk: int = 6  # (?) k of the top-k sparsification T_k (edges kept per row)
+    # of the topk, how many come from the other modality: -1 all of them, 0 one top-k over the whole row
+    # whatever the modality, 1..topk-1 that many (the rest from the row's own modality)
+    cross_k: int = -1
+    block_norm: bool = False  # cross_k > 0: weights normalised within the intra and the cross block apart
+    center: bool = False  # subtract each modality's mean shared embedding before the affinity (running mean at test)
     normalize: Literal["softmax", "sum"] = "softmax"  # (?) edge weights: softmax(S/T), or (1+S)/2 / row sum
     temperature: float = 0.1  # softmax temperature T (normalize=softmax only)
     self_loops: bool = False  # (?) may a node pick itself as a neighbour; false: the diagonal is excluded
@@ -124,6 +129,7 @@ class LossConfig:
     triplet_margin: float = 0.3  # margin of every triplet term
     hard_negatives: int = 1  # k of the kNN-margin triplet; 1 is batch-hard
     fused_triplet: Literal["all", "cross", "single"] = "all"  # which pairs the fused triplet mines
+    normalize_fused: bool = True  # fused triplet on L2-normalised fused features (the test-time cosine)
     weights: LossWeights = field(default_factory=LossWeights)  # 0 drops a term
 
 
@@ -165,6 +171,9 @@ class EvalConfig:
     batch_size: int = 128
     rerank: bool = False
     flip: bool = True  # average features of the image and its mirror
+    # after training, the test split is also scored in these SSTN test modes (same features, seconds),
+    # printed beside the configured model.sstn.test_mode: what the transfer adds
+    compare_modes: list[Literal["transductive", "single_query", "off"]] = field(default_factory=lambda: ["off"])
 
 
 @dataclass
@@ -477,6 +486,7 @@ RANGES: dict[str, Range] = {
     "model.head_hidden": AT_LEAST_1,
     "model.recon_downsample": AT_LEAST_1,
     "model.sstn.topk": AT_LEAST_1,
+    "model.sstn.cross_k": Range(-1),
     "model.sstn.temperature": POSITIVE,
     "model.sstn.affinity_dim": AT_LEAST_0,
     "model.sstn.fused_dim": AT_LEAST_0,
@@ -516,6 +526,10 @@ def _check_range(value: Any, key: str) -> Any:
 
 def _check_combinations(cfg: Config) -> None:
     """Rules that involve more than one key."""
+    sstn = cfg.model.sstn
+    if sstn.cross_k > sstn.topk:
+        raise ConfigError(f"model.sstn.cross_k: {sstn.cross_k} is more than model.sstn.topk={sstn.topk}; allowed: "
+                          f"[-1, {sstn.topk}] (-1: all {sstn.topk} from the other modality)")
     if cfg.train.optimizer == "sgd" and cfg.train.momentum <= 0:
         raise ConfigError("train.momentum: 0 is out of range for train.optimizer=sgd (Nesterov momentum); "
                           "allowed: (0, 1)")

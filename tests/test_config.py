@@ -141,3 +141,15 @@ def test_boolean_keys_take_the_words_as_booleans(tmp_path, word, value):
 def test_a_word_that_is_no_boolean_is_refused_for_a_boolean_key():
     with pytest.raises(ConfigError, match="train.deterministic: expected bool, got 'maybe'"):
         load_config(None, ["train.deterministic=maybe"])
+
+
+def test_cross_k_defaults_to_all_neighbours_and_must_fit_in_topk():
+    from cmssft.models import build_model
+
+    cfg = load_config(None, ["model.sstn.topk=4", "model.backbone=resnet18", "model.pretrained=none"])
+    assert cfg.model.sstn.cross_k == -1
+    assert build_model(cfg, 3).sstn.cross_k == 4  # -1: every kept neighbour from the other modality
+    with pytest.raises(ConfigError, match=r"model.sstn.cross_k: 5 is more than model.sstn.topk=4; allowed: \[-1, 4\]"):
+        load_config(None, ["model.sstn.topk=4", "model.sstn.cross_k=5"])
+    with pytest.raises(ConfigError, match="out of range"):
+        load_config(None, ["model.sstn.cross_k=-2"])

@@ -77,7 +77,7 @@ def test_training_outputs(full_model):
         "recon_target": (8, 3, 8, 4),
     }
     stats = out["stats"]
-    assert {"sstn/cross_edges", "sstn/edge_accuracy", "heads/modality_accuracy"} <= set(stats)
+    assert {"sstn/cross_edges", "sstn/same_id_edges", "heads/modality_accuracy"} <= set(stats)
     assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
     # the reconstruction target is each image's own (caller-order) downsampled input
     assert torch.allclose(out["recon_target"], torch.nn.functional.adaptive_avg_pool2d(images, (8, 4)))
@@ -248,7 +248,9 @@ def test_autocast_and_channels_last():
     cfg = tiny_config()
     model = build_model(cfg, NUM_CLASSES).to(memory_format=torch.channels_last).train()
     images, modality, labels = tiny_batch()
-    images = images[:, :, ::2, ::2].contiguous(memory_format=torch.channels_last)  # 32x16: CPU bf16 is slow
+    # 64x32, not smaller: torch's CPU bf16 convolution returns non-finite values at random on 4x2 maps (a
+    # stride-2 layer3 conv at 32x16 input; seen with torch 2.14.1), a path no CPU run takes (AMP is CUDA-only).
+    images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images, modality, labels)
         terms = build_criterion(cfg)(out, labels, modality)

@@ -15,10 +15,10 @@ from cmssft.models.sstn import (
     affinity_stats,
     edge_weights,
     propagate,
-    to_dense,
     top_k,
     unify,
 )
+from cmssft.models.sstn_reference import to_dense
 
 DIM = 8
 
@@ -128,12 +128,13 @@ def test_affinity_stats_on_a_hand_made_graph():
     stats = affinity_stats(graph, modality, labels)
     # cross edges: 0->2, 1->3, 2->0, 3->1 (4 of 8); same identity: 0->2, 1->3, 2->0, 3->1
     assert stats["sstn/cross_edges"].item() == pytest.approx(0.5)
-    assert stats["sstn/edge_accuracy"].item() == pytest.approx(0.5)
-    assert stats["sstn/cross_edge_accuracy"].item() == pytest.approx(1.0)
+    assert stats["sstn/same_id_edges"].item() == pytest.approx(0.5)
+    assert stats["sstn/cross_same_id_edges"].item() == pytest.approx(1.0)
     assert stats["sstn/cross_weight"].item() == pytest.approx((0.25 + 0.5 + 1.0 + 0.5) / 4)
-    assert stats["sstn/weight_accuracy"].item() == pytest.approx((0.25 + 0.5 + 1.0 + 0.5) / 4)
+    assert stats["sstn/same_id_weight"].item() == pytest.approx((0.25 + 0.5 + 1.0 + 0.5) / 4)
     assert stats["sstn/max_weight"].item() == pytest.approx((0.75 + 0.5 + 1.0 + 0.5) / 4)
-    assert "sstn/edge_accuracy" not in affinity_stats(graph, modality)
+    assert stats["sstn/kept_similarity"].item() == pytest.approx(0.5)
+    assert "sstn/same_id_edges" not in affinity_stats(graph, modality)
     assert all(not v.requires_grad for v in stats.values())
 
 
@@ -200,3 +201,101 @@ def test_single_query_with_a_gallery_no_larger_than_k(num_g, self_loops):
     single = sstn.distance(query, gallery, "single_query")
     separate = torch.cat([sstn.distance(row(query, i), gallery, "transductive") for i in range(3)])
     assert torch.allclose(single, separate, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- balanced (intra + cross) top-k
+
+
+@pytest.mark.parametrize(("topk", "cross_k"), [(6, 3), (6, 6), (4, 1), (5, 5)])
+def test_balanced_rows_keep_exactly_the_configured_intra_and_cross_counts(topk, cross_k):
+    sstn = make_sstn(topk=topk, cross_k=cross_k)
+    shared, specific, modality = make_bank(20, seed=4)
+    nodes = sstn.nodes(shared, specific, modality)
+    graph = sstn.graph(sstn.similarity(nodes, nodes), modality[:, None] == modality[None, :])
+    cross = modality[graph.index] != modality.unsqueeze(1)
+    assert graph.valid.all()  # 20 nodes: every block has enough candidates
+    assert (cross[:, topk - cross_k :]).all() and not cross[:, : topk - cross_k].any()
+    assert (cross.sum(dim=1) == cross_k).all()
+    assert (graph.index != torch.arange(20).unsqueeze(1)).all()  # no self loops
+    assert torch.allclose(graph.weight.sum(dim=1), torch.ones(20))
+    # each block holds the most similar candidates of its kind
+    s = sstn.similarity(nodes, nodes).fill_diagonal_(float("-inf"))
+    same = modality[:, None] == modality[None, :]
+    best_cross = s.masked_fill(same, float("-inf")).topk(cross_k, dim=1).values
+    assert torch.allclose(graph.value[:, topk - cross_k :], best_cross)
+
+
+def test_balanced_equals_plain_top_k_when_cross_k_is_0():
+    plain, balanced = make_sstn(topk=4), make_sstn(topk=4, cross_k=0)
+    nodes = plain.nodes(*make_bank(15, seed=9))
+    same = nodes.modality[:, None] == nodes.modality[None, :]
+    s = plain.similarity(nodes, nodes)
+    a, b = plain.graph(s), balanced.graph(s, same)
+    assert torch.equal(a.index, b.index) and torch.equal(a.weight, b.weight)
+
+
+def test_short_blocks_are_padded_with_zero_weight_edges():
+    """Two IR nodes among RGB ones: an IR row has one IR candidate for its 2-wide intra block."""
+    sstn = make_sstn(topk=4, cross_k=2)
+    shared, specific, _ = make_bank(8, seed=2)
+    modality = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    nodes = sstn.nodes(shared, specific, modality)
+    graph = sstn.graph(sstn.similarity(nodes, nodes), modality[:, None] == modality[None, :])
+    assert graph.valid[6].tolist() == [True, False, True, True]
+    assert graph.weight[6, 1] == 0 and torch.allclose(graph.weight.sum(dim=1), torch.ones(8))
+
+
+def test_block_norm_gives_each_block_its_share():
+    sstn = make_sstn(topk=6, cross_k=2, block_norm=True)
+    shared, specific, modality = make_bank(20, seed=6)
+    nodes = sstn.nodes(shared, specific, modality)
+    graph = sstn.graph(sstn.similarity(nodes, nodes), modality[:, None] == modality[None, :])
+    assert torch.allclose(graph.weight[:, :4].sum(dim=1), torch.full((20,), 4 / 6))
+    assert torch.allclose(graph.weight[:, 4:].sum(dim=1), torch.full((20,), 2 / 6))
+    # within a block: the softmax of the block's similarities
+    assert torch.allclose(graph.weight[:, 4:] * 3, torch.softmax(graph.value[:, 4:] / sstn.temperature, dim=1))
+    # a row whose cross block is empty gives the whole weight to its intra block
+    lonely = torch.zeros(5, dtype=torch.long)
+    nodes = sstn.nodes(shared[:5], specific[:5], lonely)
+    graph = sstn.graph(sstn.similarity(nodes, nodes), torch.ones(5, 5, dtype=torch.bool))
+    assert torch.allclose(graph.weight.sum(dim=1), torch.ones(5)) and (graph.weight[:, 4:] == 0).all()
+
+
+BALANCED = list(itertools.product([(3, 1), (3, 3), (4, 2)], [False, True], ["softmax", "sum"], [False, True]))
+
+
+@pytest.mark.parametrize(("k", "block_norm", "normalize", "self_loops"), BALANCED)
+def test_balanced_single_query_equals_one_query_transductive_graphs(k, block_norm, normalize, self_loops):
+    topk, cross_k = k
+    sstn = make_sstn(topk=topk, cross_k=cross_k, block_norm=block_norm, normalize=normalize,
+                     self_loops=self_loops, chunk=4)
+    for q_mod, g_mod in ((1, 0), (None, None)):  # cross-modality queries; mixed queries and gallery
+        query, gallery = make_bank(6, seed=21, modality=q_mod), make_bank(9, seed=22, modality=g_mod)
+        single = sstn.distance(query, gallery, "single_query")
+        separate = torch.cat([sstn.distance(row(query, i), gallery, "transductive") for i in range(6)])
+        assert torch.allclose(single, separate, atol=1e-5)
+
+
+@pytest.mark.parametrize(("k", "block_norm"), [((3, 1), False), ((4, 2), True), ((3, 3), False)])
+@pytest.mark.parametrize("mode", ["transductive", "single_query"])
+def test_balanced_chunked_equals_the_dense_reference(k, block_norm, mode):
+    from cmssft.models.sstn_reference import dense_distance
+
+    sstn = make_sstn(topk=k[0], cross_k=k[1], block_norm=block_norm, chunk=3)
+    query, gallery = make_bank(5, seed=31), make_bank(13, seed=32)
+    assert torch.allclose(sstn.distance(query, gallery, mode), dense_distance(sstn, query, gallery, mode), atol=1e-5)
+
+
+def test_test_graph_edges_come_with_the_distances():
+    sstn = make_sstn(topk=3, cross_k=3)
+    query, gallery = make_bank(4, seed=1, modality=1), make_bank(7, seed=2, modality=0)
+    modality = torch.cat([query[2], gallery[2]])
+    # transductive: every row keeps 3 nodes of the other modality (a gallery row: 3 of the 4 queries)
+    edges = sstn.distance_blocks(query, gallery, "transductive").edges()
+    assert edges.index.shape == (11, 3) and edges.valid.all()
+    assert (modality[edges.index] != modality.unsqueeze(1)).all()
+    # single-query: each query in its own graph keeps 3 gallery nodes; the gallery rows are reported
+    # among the gallery alone, where an RGB row has no IR candidate, so their cross block is padding
+    edges = sstn.distance_blocks(query, gallery, "single_query").edges()
+    assert edges.valid[:4].all() and not edges.valid[4:].any()
+    assert (modality[edges.index[:4]] == 0).all()

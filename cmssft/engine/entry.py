@@ -85,7 +85,7 @@ def _train(
     args: argparse.Namespace, cfg: Config, run_dir: Path | None, device: torch.device, dist: DistContext
 ) -> int:
     from cmssft.engine.build import build_trainer, prepare_dataset
-    from cmssft.engine.evaluate import ProtocolEvaluation
+    from cmssft.engine.evaluate import ProtocolEvaluation, flat_metrics
     from cmssft.evaluation.report import chance_line
 
     cfg, run_dir = dist.from_main(lambda: (cfg, run_dir))  # the run rank 0 continues, if any, is everyone's
@@ -112,8 +112,14 @@ def _train(
     except TrainingInterrupted as stop:
         LOG.warning("%s", stop)
         return stop.exit_code
-    for evaluation in trainer.evaluators.values():
+    for split, evaluation in trainer.evaluators.items():
         if isinstance(evaluation, ProtocolEvaluation) and evaluation.last_summary is not None:
-            LOG.info("\n%s\n%s", evaluation.table(), chance_line(evaluation.protocol))
+            LOG.info("\n%s", evaluation.table())
+            for mode, summary in evaluation.compare(trainer.model, cfg.eval.compare_modes).items():
+                LOG.info("\n%s", evaluation.table(summary, mode))
+                if trainer.metrics is not None:
+                    values = {f"{split}_{mode}/{k}": v for k, v in flat_metrics(summary).items()}
+                    trainer.metrics.scalars(values, trainer.state.step, epoch=trainer.state.epoch)
+            LOG.info("%s", chance_line(evaluation.protocol))
     LOG.info("finished; checkpoints in %s", run_dir)
     return 0

@@ -54,15 +54,33 @@ class ProtocolEvaluation:
         self.metrics, self.run_dir = metrics, run_dir
         self.loader = build_test_loader(cfg, protocol.candidates, device_is_cuda=device.type == "cuda")
         self.last_summary: dict | None = None
+        self.last_bank: dict | None = None  # the latest extracted features, for scoring other modes
 
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        bank = extract_features(model, self.loader, self.device, flip=self.cfg.eval.flip)
-        score_fn = model_score_fn(model, self.cfg.model.sstn.test_mode, self.device)
-        evaluator = Evaluator(score_fn, rerank=self.cfg.eval.rerank)
-        results = evaluator.evaluate(self.protocol, bank)
-        self.last_summary = summarize(self.protocol.name, results, dict(self.protocol.settings, split=self.split))
-        self.picture(evaluator, bank, epoch)
-        return self.last_summary["mean"]
+        self.last_bank = extract_features(model, self.loader, self.device, flip=self.cfg.eval.flip)
+        evaluator = self.evaluator(model, self.cfg.model.sstn.test_mode, self.cfg.eval.rerank)
+        self.last_summary = self.summarize(evaluator.evaluate(self.protocol, self.last_bank))
+        self.picture(evaluator, self.last_bank, epoch)
+        return flat_metrics(self.last_summary)
+
+    def evaluator(self, model: nn.Module, mode: str, rerank: bool) -> Evaluator:
+        return Evaluator(model_score_fn(model, mode, self.device), rerank=rerank)
+
+    def summarize(self, results: list) -> dict:
+        return summarize(self.protocol.name, results, dict(self.protocol.settings, split=self.split))
+
+    def score_mode(self, model: nn.Module, mode: str, rerank: bool = False) -> dict:
+        """The summary of the latest features scored in another test mode (no new extraction)."""
+        if self.last_bank is None:
+            raise RuntimeError("score_mode needs a previous evaluation's features")
+        return self.summarize(self.evaluator(model, mode, rerank).evaluate(self.protocol, self.last_bank))
+
+    def compare(self, model: nn.Module, modes: list[str]) -> dict[str, dict]:
+        """``eval.compare_modes`` scored on the latest features, except the configured mode itself."""
+        configured = self.cfg.model.sstn.test_mode
+        if getattr(model, "sstn", None) is None:
+            return {}  # without a transfer every mode is off
+        return {mode: self.score_mode(model, mode) for mode in modes if mode != configured}
 
     def picture(self, evaluator: Evaluator, bank: dict, epoch: int) -> None:
         if self.metrics is None and self.run_dir is None:
@@ -85,10 +103,26 @@ class ProtocolEvaluation:
         if self.run_dir is not None:
             save_png(image, self.run_dir / "ranked_lists" / f"{self.split}_epoch{epoch:03d}.png")
 
-    def table(self) -> str:
-        if self.last_summary is None:
+    def table(self, summary: dict | None = None, mode: str | None = None) -> str:
+        """The latest summary (or ``summary``, scored in ``mode``) as a titled table."""
+        summary = summary or self.last_summary
+        if summary is None:
             return ""
-        return format_table(self.last_summary, title=f"{self.split}: {self.protocol.description}")
+        mode = mode or self.cfg.model.sstn.test_mode
+        return format_table(summary, title=f"{self.split}, {MODE_TITLES.get(mode, mode)}: {self.protocol.description}")
+
+
+MODE_TITLES = {
+    "transductive": "transductive SSTN",
+    "single_query": "single-query SSTN",
+    "off": "off (same model, no transfer)",
+}
+
+
+def flat_metrics(summary: dict) -> dict[str, float]:
+    """A summary's mean metrics and (``graph/...``) test-graph statistics, for logging."""
+    graph = {f"graph/{k}": v for k, v in summary.get("graph", {}).items() if v == v}
+    return {**summary["mean"], **graph}
 
 
 def build_evaluators(

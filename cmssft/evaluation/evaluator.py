@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cmssft.evaluation.graph_stats import KeptEdges, trial_graph_statistics
 from cmssft.evaluation.metrics import MAX_RANK, DistanceBlocks, RankingMetrics, evaluate_ranking, full_distances
 from cmssft.evaluation.protocols import Protocol, Trial
 from cmssft.evaluation.rerank import k_reciprocal_rerank
@@ -91,6 +92,7 @@ class TrialResult:
     metrics: RankingMetrics
     num_query: int
     num_gallery: int
+    graph: dict[str, float] | None = None  # statistics of the scorer's test graph, when it has one
 
 
 class Evaluator:
@@ -120,6 +122,11 @@ class Evaluator:
     def trial_distances(self, protocol: Protocol, trial: Trial, bank: Bank) -> Tensor | DistanceBlocks:
         """(Q, G) distances of one trial as the score function gives them (blocks stay blocks),
         or the re-ranked full matrix when re-ranking is on."""
+        return self._scored(trial, bank)[0]
+
+    def _scored(self, trial: Trial, bank: Bank) -> tuple[Tensor | DistanceBlocks, DistanceBlocks | None]:
+        """The trial's distances (re-ranked when enabled) and the score function's own blocks, which
+        may carry the test graph's edges."""
         q_idx = torch.as_tensor(trial.query_idx, dtype=torch.long)
         g_idx = torch.as_tensor(trial.gallery_idx, dtype=torch.long)
         q_bank, g_bank = slice_bank(bank, q_idx), slice_bank(bank, g_idx)
@@ -127,11 +134,12 @@ class Evaluator:
         expected = (len(q_idx), len(g_idx))
         if tuple(q_g.shape) != expected:
             raise ValueError(f"score_fn returned shape {tuple(q_g.shape)}, expected (Q, G) = {expected}")
+        raw = q_g if isinstance(q_g, DistanceBlocks) else None
         if self.rerank:
             q_q = full_distances(self.score_fn(q_bank, q_bank))
             g_g = full_distances(self.score_fn(g_bank, g_bank))
             q_g = k_reciprocal_rerank(full_distances(q_g), q_q, g_g, **self.rerank_params)
-        return q_g
+        return q_g, raw
 
     def evaluate_trial(self, protocol: Protocol, trial: Trial, bank: Bank) -> TrialResult:
         """Metrics of one trial; ``bank`` rows follow ``protocol.candidates``."""
@@ -151,10 +159,10 @@ class Evaluator:
 
     @torch.no_grad()
     def _evaluate_trial(
-        self, protocol: Protocol, trial: Trial, bank: Bank, labels: tuple[np.ndarray, np.ndarray]
+        self, protocol: Protocol, trial: Trial, bank: Bank, labels: tuple[np.ndarray, np.ndarray, np.ndarray]
     ) -> TrialResult:
-        pids, cams = labels
-        dist = self.trial_distances(protocol, trial, bank)
+        pids, cams, modality = labels
+        dist, raw = self._scored(trial, bank)
         metrics = evaluate_ranking(
             dist,
             pids[trial.query_idx], pids[trial.gallery_idx],
@@ -163,12 +171,19 @@ class Evaluator:
             dedup=protocol.dedup,
             max_rank=self.max_rank,
         )
-        return TrialResult(protocol.name, trial.index, metrics, len(trial.query_idx), len(trial.gallery_idx))
+        graph = None
+        if raw is not None and raw.edges is not None:  # nodes: the trial's queries, then its gallery
+            nodes = np.concatenate([trial.query_idx, trial.gallery_idx])
+            edges = KeptEdges(*(t.cpu() for t in raw.edges()))
+            graph = trial_graph_statistics(edges, torch.as_tensor(modality[nodes]), torch.as_tensor(pids[nodes]),
+                                           len(trial.query_idx))
+        return TrialResult(protocol.name, trial.index, metrics, len(trial.query_idx), len(trial.gallery_idx), graph)
 
 
-def candidate_labels(protocol: Protocol) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) pid and camid arrays of the protocol's candidates."""
+def candidate_labels(protocol: Protocol) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N,) pid, camid and modality arrays of the protocol's candidates."""
     n = len(protocol.candidates)
     pids = np.fromiter((s.pid for s in protocol.candidates), dtype=np.int64, count=n)
     cams = np.fromiter((s.camid for s in protocol.candidates), dtype=np.int64, count=n)
-    return pids, cams
+    modality = np.fromiter((int(s.modality) for s in protocol.candidates), dtype=np.int64, count=n)
+    return pids, cams, modality

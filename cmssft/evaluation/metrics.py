@@ -70,6 +70,10 @@ class DistanceBlocks:
     request), so values never depend on how a consumer slices the rows and :meth:`full` equals any
     concatenation of :meth:`rows` bit for bit. A consumer walking the rows in order holds
     O(block_rows x G) at a time. Rows are computed without autograd.
+
+    ``edges`` (optional, for graph-based scorers): a zero-argument function giving the kept edges of
+    the test graph behind these distances (a :class:`~cmssft.evaluation.graph_stats.KeptEdges`,
+    nodes numbered queries first, then gallery), for :mod:`~cmssft.evaluation.graph_stats`.
     """
 
     def __init__(
@@ -79,9 +83,11 @@ class DistanceBlocks:
         *,
         block_rows: int | None = None,
         device: torch.device | str = "cpu",
+        edges: Callable[[], tuple[Tensor, Tensor, Tensor]] | None = None,
     ) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.compute = compute
+        self.edges = edges
         default = max(1, BLOCK_ELEMENTS // max(1, self.shape[1]))
         self.block_rows = max(1, int(block_rows or default))
         self.device = torch.device(device)
@@ -124,7 +130,7 @@ class DistanceBlocks:
         """The same blocks passed through ``fn`` (e.g. ``lambda t: t.float().cpu()``)."""
         source = self
         return DistanceBlocks(self.shape, lambda a, b: fn(source.compute(a, b)), block_rows=self.block_rows,
-                              device=self.device if device is None else device)
+                              device=self.device if device is None else device, edges=self.edges)
 
 
 def full_distances(dist: Tensor | DistanceBlocks) -> Tensor:

@@ -40,15 +40,40 @@ def summarize(protocol: str, results: Sequence[TrialResult], settings: dict[str,
             "num_query": r.num_query,
             "num_gallery": r.num_gallery,
             "num_valid_query": m.num_valid,
+            **({"graph": r.graph} if r.graph is not None else {}),
         })
     table = np.array([[_scalars(r)[k] for k in SUMMARY_KEYS] for r in results], dtype=np.float64)
-    return {
+    summary = {
         "protocol": protocol,
         "settings": {k: v for k, v in (settings or {}).items() if not k.startswith("_")},
         "trials": trials,
         "mean": dict(zip(SUMMARY_KEYS, map(float, table.mean(0)), strict=True)),
         "std": dict(zip(SUMMARY_KEYS, map(float, table.std(0)), strict=True)),
     }
+    graphs = [r.graph for r in results if r.graph is not None]
+    if graphs:  # mean over trials of the test graph's statistics (nan where a trial counted nothing)
+        summary["graph"] = {k: _nanmean([g[k] for g in graphs]) for k in graphs[0]}
+    return summary
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def graph_line(graph: dict[str, float]) -> str:
+    """The test graph's statistics in one line (percent)."""
+
+    def pct(key: str) -> str:
+        value = graph.get(key, float("nan"))
+        return "n/a" if value != value else f"{100 * value:.1f}%"
+
+    return (
+        f"test graph: cross-modality edges {pct('query_cross_edges')} of queries', "
+        f"{pct('gallery_cross_edges')} of gallery's; same identity {pct('same_id_edges')} of edges "
+        f"({pct('same_id_weight')} of weight), {pct('cross_same_id_edges')} of cross edges "
+        f"({pct('cross_same_id_weight')} of their weight; chance {pct('query_same_id_candidates')})"
+    )
 
 
 def format_table(summary: dict, title: str = "") -> str:
@@ -65,6 +90,8 @@ def format_table(summary: dict, title: str = "") -> str:
     mean, std = summary["mean"], summary["std"]
     lines.append(f"{'mean':>7} {'':>7} {'':>8}" + "".join(f"{100 * mean[k]:>9.2f}" for k in SUMMARY_KEYS))
     lines.append(f"{'+- std':>7} {'':>7} {'':>8}" + "".join(f"{100 * std[k]:>9.2f}" for k in SUMMARY_KEYS))
+    if "graph" in summary:
+        lines.append(graph_line(summary["graph"]))
     return "\n".join(lines)
 
 

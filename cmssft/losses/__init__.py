@@ -32,4 +32,5 @@ def build_criterion(cfg: Config) -> CmSSFTCriterion:
         margin=loss.triplet_margin,
         hard_negatives=loss.hard_negatives,
         fused_triplet=loss.fused_triplet,
+        normalize_fused=loss.normalize_fused,
     )

@@ -36,6 +36,7 @@ class CmSSFTCriterion(nn.Module):
         label_smoothing: of every identity loss.
         margin, hard_negatives: of every triplet loss (``hard_negatives = 1``: batch-hard).
         fused_triplet: pair form of the fused triplet (``all``, ``cross`` or ``single``).
+        normalize_fused: the fused triplet compares L2-normalised fused features.
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class CmSSFTCriterion(nn.Module):
         margin: float = 0.3,
         hard_negatives: int = 1,
         fused_triplet: str = "all",
+        normalize_fused: bool = False,
     ) -> None:
         super().__init__()
         unknown = set(weights) - set(TERMS)
@@ -54,7 +56,7 @@ class CmSSFTCriterion(nn.Module):
         self.identity = IdentityLoss(label_smoothing)
         self.triplet_cross = TripletLoss(margin, hard_negatives, "cross")
         self.triplet_single = TripletLoss(margin, hard_negatives, "single")
-        self.triplet_fused = TripletLoss(margin, hard_negatives, fused_triplet)
+        self.triplet_fused = TripletLoss(margin, hard_negatives, fused_triplet, normalize=normalize_fused)
         self.modality = ModalityLoss()
         self.project = ProjectionLoss()
         self.reconstruction = ReconstructionLoss()

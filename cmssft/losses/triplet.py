@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FORMS = ("all", "cross", "single")
@@ -25,11 +26,15 @@ class TripletLoss(nn.Module):
     ``cross`` only the other modality (for shared features), ``single`` only its own
     modality (for specific features), ``all`` any. Anchors without a positive or a
     negative of the allowed kind contribute nothing; if fewer than k negatives
-    exist, the missing ones contribute nothing.
+    exist, the missing ones contribute nothing. ``normalize`` compares L2-normalised
+    features (distances in [0, 2], whatever the features' scale).
     """
 
-    def __init__(self, margin: float = 0.3, hard_negatives: int = 1, form: str = "all") -> None:
+    def __init__(
+        self, margin: float = 0.3, hard_negatives: int = 1, form: str = "all", normalize: bool = False
+    ) -> None:
         super().__init__()
+        self.normalize = normalize
         if form not in FORMS:
             raise ValueError(f"triplet form {form!r} is not one of {FORMS}")
         if hard_negatives < 1:
@@ -38,7 +43,7 @@ class TripletLoss(nn.Module):
 
     def forward(self, feats: torch.Tensor, labels: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """``feats [B, D]``, ``labels [B]``, ``modality [B]`` -> scalar."""
-        dist = pairwise_distance(feats)
+        dist = pairwise_distance(F.normalize(feats.float(), dim=1) if self.normalize else feats)
         same_id = labels.unsqueeze(1) == labels.unsqueeze(0)
         same_mod = modality.unsqueeze(1) == modality.unsqueeze(0)
         allowed = {"all": torch.ones_like(same_mod), "cross": ~same_mod, "single": same_mod}[self.form]

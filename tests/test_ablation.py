@@ -1,0 +1,70 @@
+"""The seeded ablation runner on a tiny tree: every row x seed trained, scored in every mode, aggregated."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from .conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import ablation  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory, sysu_root):
+    """baseline and full, seeds 0 and 1, at a tiny scale (2 steps each)."""
+    tmp = tmp_path_factory.mktemp("ablation")
+    scale = tmp / "tiny.yaml"
+    scale.write_text(
+        f"data:\n  root: {sysu_root}\n  height: 64\n  width: 32\n  ids_per_batch: 2\n  images_per_id: 2\n"
+        "  num_workers: 0\nmodel:\n  backbone: resnet18\n  pretrained: none\n  sstn:\n    topk: 3\n    cross_k: 3\n"
+        "train:\n  epochs: 1\n  iters_per_epoch: 2\n  device: cpu\neval:\n  trials: 2\n  batch_size: 64\n"
+        "  flip: false\n"
+    )
+    args = ["--scale", str(scale), "--rows", "baseline", "full", "--seeds", "0", "1", "--out", str(tmp / "out")]
+    ablation.main(args)
+    return tmp, scale, args
+
+
+def test_every_row_seed_and_mode_is_reported_with_mean_and_std(ablated):
+    tmp, _, _ = ablated
+    summary = json.loads((tmp / "out" / "tiny" / "summary.json").read_text())
+    modes = {(e["row"], e["mode"]) for e in summary["table"]}
+    assert modes == {("baseline", "off"), ("baseline", "off+rerank"), ("full", "transductive"),
+                     ("full", "single_query"), ("full", "off"), ("full", "off+rerank")}
+    for entry in summary["table"]:
+        assert entry["seeds"] == 2
+        mean, std = entry["mAP"]
+        per_seed = [json.loads((tmp / "out" / "tiny" / entry["row"] / f"seed{s}" / "modes.json").read_text())
+                    [entry["mode"]]["mAP"] for s in (0, 1)]
+        assert mean == pytest.approx(sum(per_seed) / 2)
+        assert std == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5)  # sample std of two values
+    full_trans = next(e for e in summary["table"] if (e["row"], e["mode"]) == ("full", "transductive"))
+    assert full_trans["graph/query_cross_edges"][0] == pytest.approx(1.0)  # cross_k = topk: only cross edges
+    table = (tmp / "out" / "tiny" / "summary.md").read_text()
+    assert "| full | transductive | 2 |" in table and "±" in table
+
+
+def test_seeds_are_applied_and_runs_are_deterministic(ablated, sysu_root):
+    tmp, scale, _ = ablated
+    runs = tmp / "out" / "tiny" / "baseline"
+    first = json.loads((runs / "seed0" / "modes.json").read_text())
+    assert first != json.loads((runs / "seed1" / "modes.json").read_text())
+    again = tmp / "again"
+    ablation.main(["--scale", str(scale), "--rows", "baseline", "--seeds", "0", "--out", str(again)])
+    assert json.loads((again / "tiny" / "baseline" / "seed0" / "modes.json").read_text()) == first
+
+
+def test_finished_runs_are_reused_and_set_overrides_get_their_own_folder(ablated):
+    tmp, scale, args = ablated
+    marker = tmp / "out" / "tiny" / "full" / "seed0" / "train.out"
+    before = marker.stat().st_mtime_ns
+    ablation.main(args)
+    assert marker.stat().st_mtime_ns == before
+    overrides = ablation.parse_args(["--scale", str(scale), "--set", "model.sstn.cross_k=0"])
+    assert overrides.overrides == ["model.sstn.cross_k=0"]
+    command = ablation.train_command("full", 3, tmp / "x", ["model.sstn.cross_k=0"])
+    assert command[-2:] == ["model.sstn.cross_k=0", "seed=3"] and "train.deterministic=true" in command
