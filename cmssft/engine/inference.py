@@ -6,15 +6,21 @@ A *bank* is ``dict[str, Tensor]`` whose tensors share their first dimension N
 (``model.extract``); ``model.score_blocks(query_bank, gallery_bank, mode)`` turns two
 banks into distances [Q, G] handed out in query blocks [rows, G] (``DistanceBlocks``;
 ``model.score`` gives the full matrix).
+
+A checkpoint's scoring needs, besides the bank, only its config and its ``sstn.*`` tensors
+(:class:`ScorerState`): a features file that stores them is scored without the backbone
+(:func:`scorer_score_fn`).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -40,12 +46,18 @@ def extract_features(
     flip: bool = True,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    desc: str = "extract",
+    extra_keys: Sequence[str] = (),
 ) -> Bank:
-    """Run ``model.extract`` over a loader; ``flip`` averages each image with its mirror."""
+    """Run ``model.extract`` over a loader; ``flip`` averages each image with its mirror.
+
+    ``extra_keys``: batch entries (tensors with the batch dimension first) carried into the bank
+    as they are, e.g. a per-image flag the loader sets.
+    """
     was_training = model.training
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
-    for batch in tqdm(loader, desc="extract", leave=False, disable=not progress, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         images = batch["image"].to(device, non_blocking=True)
         modality = batch["modality"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -53,6 +65,7 @@ def extract_features(
             if flip:
                 mirrored = model.extract(images.flip(-1), modality)
                 bank = {k: (v + mirrored[k]) / 2 if v.is_floating_point() else v for k, v in bank.items()}
+        bank.update({key: batch[key] for key in extra_keys})
         for key, value in bank.items():
             parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point() else value.cpu())
     model.train(was_training)
@@ -91,8 +104,47 @@ def model_from_checkpoint(state: dict, source: str) -> tuple[nn.Module, Config]:
     return model, trained_cfg
 
 
-def extract_bank(cfg: Config, checkpoint_path: str | Path, samples: Sequence[Sample]) -> tuple[Bank, ScoreFn]:
-    """Features of ``samples`` from a trained checkpoint, and its scoring function.
+@dataclass
+class ScorerState:
+    """What scoring a bank needs besides the bank: the trained config and the ``sstn.*`` tensors."""
+
+    config: dict
+    tensors: dict[str, torch.Tensor]
+
+
+def scorer_state(state: Mapping) -> ScorerState:
+    """The :class:`ScorerState` of a loaded checkpoint (:func:`~cmssft.engine.checkpoint.load_checkpoint`)."""
+    tensors = {k: v for k, v in state["model"].items() if k.startswith("sstn.")}
+    return ScorerState(dict(state["config"]), tensors)
+
+
+def scorer_score_fn(
+    config: Mapping, tensors: Mapping[str, torch.Tensor | np.ndarray], mode: str, device: torch.device | str,
+    source: str,
+) -> ScoreFn:
+    """The scoring of the checkpoint whose config and ``sstn.*`` tensors these are, without its backbone.
+
+    Equal to :func:`model_score_fn` of that checkpoint's model for the same banks and mode.
+    """
+    from cmssft.models import build_bank_scorer
+
+    scorer = build_bank_scorer(config_from_dict(dict(config)))
+    load_model_state(scorer, {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}, source)
+    device = torch.device(device)
+    return model_score_fn(scorer.to(device), mode, device)
+
+
+@dataclass
+class Extraction:
+    """A checkpoint's features of a sample list, its scoring function, and what a features file stores."""
+
+    bank: Bank
+    score_fn: ScoreFn
+    scorer: ScorerState
+
+
+def extract_checkpoint(cfg: Config, checkpoint_path: str | Path, samples: Sequence[Sample]) -> Extraction:
+    """Features of ``samples`` from a trained checkpoint, its scoring function and scorer state.
 
     The architecture comes from the checkpoint; data settings and the test-time
     SSTN mode come from ``cfg`` (so ``model.sstn.test_mode=...`` can be changed
@@ -104,4 +156,10 @@ def extract_bank(cfg: Config, checkpoint_path: str | Path, samples: Sequence[Sam
     model.to(device)
     loader = build_test_loader(cfg, samples, device_is_cuda=device.type == "cuda")
     bank = extract_features(model, loader, device, flip=cfg.eval.flip)
-    return bank, model_score_fn(model, cfg.model.sstn.test_mode, device)
+    return Extraction(bank, model_score_fn(model, cfg.model.sstn.test_mode, device), scorer_state(state))
+
+
+def extract_bank(cfg: Config, checkpoint_path: str | Path, samples: Sequence[Sample]) -> tuple[Bank, ScoreFn]:
+    """:func:`extract_checkpoint` without the scorer state."""
+    extraction = extract_checkpoint(cfg, checkpoint_path, samples)
+    return extraction.bank, extraction.score_fn

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -16,14 +17,31 @@ from cmssft.errors import UserError
 from cmssft.evaluation import protocols as P
 from cmssft.evaluation.build import build_protocol, resolve_protocol
 from cmssft.evaluation.evaluator import Bank, Evaluator, ScoreFn, TrialResult
-from cmssft.evaluation.features_io import TRIAL_PLACEHOLDER, bank_from_features, load_features, trial_path
-from cmssft.evaluation.report import chance_line, format_table, summarize, write_json
+from cmssft.evaluation.features_io import (
+    TRIAL_PLACEHOLDER,
+    FeatureFile,
+    bank_from_feature_file,
+    candidate_key,
+    read_feature_file,
+    save_features,
+    trial_path,
+)
+from cmssft.evaluation.report import chance_line, format_table, summarize, table_title, write_json
 
 log = logging.getLogger("cmssft.eval")
 
 REGDB_TRIALS = 10
 
-BankSource = Callable[[CrossModalDataset, P.Protocol, int], tuple[Bank, "ScoreFn | None"]]
+
+class Scored(NamedTuple):
+    """A unit's bank, its score function (None: cosine) and the SSTN mode it scores in (None: no transfer)."""
+
+    bank: Bank
+    score_fn: ScoreFn | None
+    scoring: str | None
+
+
+BankSource = Callable[[CrossModalDataset, P.Protocol, int], Scored]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="model checkpoint; '{trial}' in the name picks RegDB's per-trial model")
     src.add_argument("--features", help="npz with 'paths' and 'features'; '{trial}' for RegDB per-trial files")
+    p.add_argument("--save-features", metavar="FILE.npz",
+                   help="with --checkpoint: also write the candidates' features (and what the SSTN needs) in the "
+                        "format --features reads; '{trial}' for RegDB per-trial files")
     p.add_argument("--protocol", choices=["sysu", "sysu-official", "regdb", "llcm", "custom"])
     p.add_argument("--mode", choices=["all", "indoor"], help="SYSU-MM01 search mode")
     p.add_argument("--shots", type=int, choices=[1, 10], help="SYSU-MM01 gallery images per id and camera")
@@ -93,8 +114,9 @@ def build_units(cfg: Config, name: str, args: argparse.Namespace) -> list[Unit]:
     return [Unit(dataset, protocol, -1)]
 
 
-def features_source(template: str, data_name: str) -> BankSource:
-    cache: dict[Path, tuple[list[str], np.ndarray]] = {}
+def features_source(template: str, data_name: str, mode: str, device: str | None) -> BankSource:
+    """Banks from a features file; files that hold the checkpoint's scorer are scored with it in ``mode``."""
+    cache: dict[Path, FeatureFile] = {}
 
     def source(dataset: CrossModalDataset, protocol: P.Protocol, trial: int) -> tuple[Bank, ScoreFn | None]:
         path = trial_path(template, trial) if trial >= 0 else Path(template)
@@ -102,19 +124,27 @@ def features_source(template: str, data_name: str) -> BankSource:
             raise UserError(f"--features {template}: the '{{trial}}' placeholder is for RegDB only")
         if path not in cache:
             cache.clear()
-            cache[path] = load_features(path)
-        paths, feats = cache[path]
-        bank = bank_from_features(protocol.candidates, dataset.root, paths, feats, dataset_name=data_name,
-                                  source=f"features file {path}", protocol=protocol.name)
-        return bank, None
+            cache[path] = read_feature_file(path)
+        data = cache[path]
+        bank = bank_from_feature_file(protocol.candidates, dataset.root, data, dataset_name=data_name,
+                                      source=f"features file {path}", protocol=protocol.name)
+        if not data.has_scorer:
+            return Scored(bank, None, None)
+        from cmssft.engine.inference import scorer_score_fn
+
+        score_fn = scorer_score_fn(data.scorer_config, data.scorer_state, mode, device or "cpu",
+                                   f"features file {path}")
+        return Scored(bank, score_fn, _mode_if_transfer(data.scorer_config, mode))
 
     return source
 
 
-def checkpoint_source(cfg: Config, template: str) -> BankSource:
+def checkpoint_source(cfg: Config, template: str, save_template: str | None = None) -> BankSource:
+    """Banks extracted by a checkpoint; with ``save_template`` each is also written as a features file."""
+
     def source(dataset: CrossModalDataset, protocol: P.Protocol, trial: int) -> tuple[Bank, ScoreFn | None]:
         try:
-            from cmssft.engine.inference import extract_bank
+            from cmssft.engine.inference import extract_checkpoint
         except ModuleNotFoundError as err:
             if err.name in ("cmssft.engine", "cmssft.engine.inference"):
                 raise UserError("evaluating a checkpoint needs cmssft.engine.inference, which this "
@@ -124,26 +154,62 @@ def checkpoint_source(cfg: Config, template: str) -> BankSource:
         if not path.is_file():
             raise UserError(f"checkpoint {path} does not exist")
         samples: list[Sample] = protocol.candidates
-        return extract_bank(cfg, str(path), samples)
+        extraction = extract_checkpoint(cfg, str(path), samples)
+        if save_template:
+            out = trial_path(save_template, trial) if trial >= 0 else Path(save_template)
+            bank = extraction.bank
+            save_features(out, [candidate_key(s, dataset.root) for s in samples], bank["shared"],
+                          specific=bank.get("specific"), modality=bank["modality"],
+                          scorer_config=extraction.scorer.config, scorer_state=extraction.scorer.tensors)
+            log.info("features of %d images written to %s", len(samples), out)
+        scoring = _mode_if_transfer(extraction.scorer.config, cfg.model.sstn.test_mode)
+        return Scored(extraction.bank, extraction.score_fn, scoring)
 
     return source
+
+
+def _mode_if_transfer(model_config: dict, mode: str) -> str:
+    """The SSTN test mode a model scores in; a model trained without SSTN always scores ``off``."""
+    return mode if model_config.get("model", {}).get("sstn", {}).get("enabled", True) else "off"
+
+
+def check_save_features(args: argparse.Namespace, units: list[Unit]) -> None:
+    """``--save-features`` needs a checkpoint, and one file name per RegDB trial."""
+    template = args.save_features
+    if not template:
+        return
+    if not args.checkpoint:
+        raise UserError("--save-features writes the features a --checkpoint extracts; a --features file "
+                        "already holds them")
+    if not template.endswith(".npz"):
+        raise UserError(f"--save-features {template}: the name must end in .npz (numpy.savez adds it otherwise)")
+    if len(units) > 1 and TRIAL_PLACEHOLDER not in template:
+        raise UserError(f"--save-features {template}: {len(units)} RegDB trials need one file each; put "
+                        f"'{TRIAL_PLACEHOLDER}' in the name")
+    if units[0].trial < 0 and TRIAL_PLACEHOLDER in template:
+        raise UserError(f"--save-features {template}: the '{{trial}}' placeholder is for RegDB only")
+    folder = Path(template).parent
+    if not folder.is_dir():
+        raise UserError(f"--save-features {template}: folder {folder} does not exist")
 
 
 def run(cfg: Config, args: argparse.Namespace) -> tuple[dict, P.Protocol]:
     """Evaluate every unit; the summary :func:`summarize` builds, and the first unit's protocol."""
     name = resolve_protocol(cfg)
     units = build_units(cfg, name, args)
-    source = (features_source(args.features, cfg.data.name) if args.features
-              else checkpoint_source(cfg, args.checkpoint))
+    check_save_features(args, units)
+    source = (features_source(args.features, cfg.data.name, cfg.model.sstn.test_mode, args.device) if args.features
+              else checkpoint_source(cfg, args.checkpoint, args.save_features))
     results: list[TrialResult] = []
+    scoring = None
     for unit in units:
-        bank, score_fn = source(unit.dataset, unit.protocol, unit.trial)
+        bank, score_fn, scoring = source(unit.dataset, unit.protocol, unit.trial)
         evaluator = Evaluator(score_fn, rerank=cfg.eval.rerank, device=args.device)
         results.extend(evaluator.evaluate(unit.protocol, bank))
         if args.vis and unit is units[0]:
             _save_pictures(evaluator, unit.protocol, bank, Path(args.vis), args.vis_queries)
     settings = dict(units[0].protocol.settings, description=units[0].protocol.description,
-                    rerank=cfg.eval.rerank)
+                    rerank=cfg.eval.rerank, scoring=scoring)
     if name == "regdb":
         settings["description"] = f"RegDB trials {', '.join(str(u.trial) for u in units)}, " \
                                   f"{'thermal->visible' if cfg.eval.direction == 't2v' else 'visible->thermal'}"
@@ -167,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
     summary, protocol = run(cfg, args)
-    print(format_table(summary, title=f"test: {summary['settings'].get('description', '')}"))
+    title = table_title("test", summary["settings"].get("scoring"), summary["settings"].get("description", ""))
+    print(format_table(summary, title=title))
     print(chance_line(protocol))
     if args.json:
         write_json(summary, args.json)

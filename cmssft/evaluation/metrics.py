@@ -138,6 +138,39 @@ def full_distances(dist: Tensor | DistanceBlocks) -> Tensor:
     return dist.full() if isinstance(dist, DistanceBlocks) else dist
 
 
+def ranked_top_k(dist: Tensor | DistanceBlocks, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest gallery columns of every query row, in ranking order: ascending distance,
+    ties to the lower gallery index (the stable sort every metric here ranks by).
+
+    Returns long indices ``[Q, k']`` and their distances ``[Q, k']`` (``k' = min(k, G)``), on the CPU.
+    A :class:`DistanceBlocks` is read a block at a time: memory stays O(block x G).
+    """
+    if isinstance(dist, Tensor):
+        return _stable_top_k(dist.detach().cpu(), k)
+    parts = [_stable_top_k(rows.detach().cpu(), k) for _, rows in dist]
+    if not parts:
+        width = min(k, dist.shape[1])
+        return torch.empty(0, width, dtype=torch.long), torch.empty(0, width)
+    return torch.cat([i for i, _ in parts]), torch.cat([v for _, v in parts])
+
+
+def _stable_top_k(rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """:func:`ranked_top_k` of one ``[b, G]`` block: ``topk``, ties ordered by index; rows with a tie
+    across the k-th place (``topk`` may keep any of the tied columns) are sorted in full."""
+    k = min(k, rows.shape[1])
+    values, index = torch.topk(rows, k, dim=1, largest=False, sorted=True)
+    by_index = index.argsort(dim=1)
+    index, values = index.gather(1, by_index), values.gather(1, by_index)
+    by_value = values.argsort(dim=1, stable=True)
+    index, values = index.gather(1, by_value), values.gather(1, by_value)
+    if k:
+        crowded = (rows <= values[:, -1:]).sum(dim=1) > k
+        if bool(crowded.any()):
+            full = torch.sort(rows[crowded], dim=1, stable=True)
+            index[crowded], values[crowded] = full.indices[:, :k], full.values[:, :k]
+    return index, values
+
+
 def exclude_none(q_pids: Tensor, q_cams: Tensor, g_pids: Tensor, g_cams: Tensor) -> Tensor:
     """Keep every gallery item (RegDB, cross-modality custom data)."""
     return torch.zeros(torch.broadcast_shapes(q_pids.shape, g_pids.shape), dtype=torch.bool,

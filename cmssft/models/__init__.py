@@ -7,13 +7,14 @@ from torch import nn
 from cmssft.config import Config
 from cmssft.errors import UserError
 from cmssft.models.backbone import feature_dim, resnet_stages
-from cmssft.models.cmssft_model import CmSSFT
+from cmssft.models.cmssft_model import BankScorer, CmSSFT
 from cmssft.models.extractor import TwoStreamExtractor
 from cmssft.models.heads import Decoder, ModalityDiscriminator, Projector
 from cmssft.models.sstn import SSTN
 from cmssft.registry import MODELS
 
-__all__ = ["CmSSFT", "SSTN", "TwoStreamExtractor", "build_cmssft", "build_model"]
+__all__ = ["BankScorer", "CmSSFT", "SSTN", "TwoStreamExtractor", "build_bank_scorer", "build_cmssft", "build_model",
+           "build_sstn"]
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
@@ -34,24 +35,7 @@ def build_cmssft(cfg: Config, num_classes: int) -> CmSSFT:
     stages = resnet_stages(m.backbone, m.pretrained, m.last_stride, m.download_timeout)
     extractor = TwoStreamExtractor(stages, m.shared_from, m.specific_from if m.use_specific else None)
     s = m.sstn
-    sstn = None
-    if s.enabled:
-        sstn = SSTN(
-            dim,
-            use_specific=m.use_specific,
-            topk=s.topk,
-            cross_k=s.topk if s.cross_k < 0 else s.cross_k,
-            block_norm=s.block_norm,
-            center=s.center,
-            normalize=s.normalize,
-            temperature=s.temperature,
-            self_loops=s.self_loops,
-            affinity_dim=s.affinity_dim,
-            fusion=s.fusion,
-            fused_dim=s.fused_dim,
-            bnneck=m.bnneck,
-            chunk=s.chunk,
-        )
+    sstn = build_sstn(cfg)
     modality_head = projectors = decoders = None
     if m.modality_adaptation:
         modality_head = ModalityDiscriminator(dim, m.head_hidden, grl_scale=m.grl_modality)
@@ -74,3 +58,34 @@ def build_cmssft(cfg: Config, num_classes: int) -> CmSSFT:
         test_mode=s.test_mode,
         off_features=s.off_features,
     )
+
+
+def build_sstn(cfg: Config) -> SSTN | None:
+    """The transfer network ``cfg.model.sstn`` describes, or None when it is disabled."""
+    m, s = cfg.model, cfg.model.sstn
+    if not s.enabled:
+        return None
+    return SSTN(
+        feature_dim(m.backbone),
+        use_specific=m.use_specific,
+        topk=s.topk,
+        cross_k=s.topk if s.cross_k < 0 else s.cross_k,
+        block_norm=s.block_norm,
+        center=s.center,
+        normalize=s.normalize,
+        temperature=s.temperature,
+        self_loops=s.self_loops,
+        affinity_dim=s.affinity_dim,
+        fusion=s.fusion,
+        fused_dim=s.fused_dim,
+        bnneck=m.bnneck,
+        chunk=s.chunk,
+    )
+
+
+def build_bank_scorer(cfg: Config) -> BankScorer:
+    """The test-time scoring of the model ``cfg`` describes, without its extractor (load ``sstn.*`` into it)."""
+    if cfg.model.name != "cmssft":
+        raise UserError(f"scoring without the extractor is implemented for model.name=cmssft, not {cfg.model.name!r}")
+    s = cfg.model.sstn
+    return BankScorer(build_sstn(cfg), test_mode=s.test_mode, off_features=s.off_features)

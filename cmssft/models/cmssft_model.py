@@ -23,9 +23,12 @@ stats                 dict          detached scalars for logging (sstn/*, heads/
 ====================  ============  =============================================================
 
 Test time: ``extract`` gives a bank ``{"shared": [N, C], "specific": [N, C], "modality": [N]}``
-of BN-neck features (``specific`` only with a specific branch); ``score_blocks`` turns a query
-bank and a gallery bank into distances ``[Q, G]`` (smaller = more similar) handed out in query
-blocks ``[rows, G]`` (:class:`~cmssft.evaluation.metrics.DistanceBlocks`); ``score`` is its full matrix.
+of BN-neck features (``specific`` only with a specific branch); ``extract_modality`` the same for a
+batch of one modality without the data-dependent grouping (what an exported graph runs);
+``score_blocks`` turns a query bank and a gallery bank into distances ``[Q, G]`` (smaller = more
+similar) handed out in query blocks ``[rows, G]`` (:class:`~cmssft.evaluation.metrics.DistanceBlocks`);
+``score`` is its full matrix. :class:`BankScorer` is that scoring without the extractor: the SSTN
+and its settings alone, which is all a features file needs next to the bank.
 """
 
 from __future__ import annotations
@@ -209,37 +212,27 @@ class CmSSFT(nn.Module):
         return bank
 
     @torch.no_grad()
+    def extract_modality(self, images: torch.Tensor, modality: int) -> Bank:
+        """:meth:`extract` of a batch whose images are all of ``modality``, without ``"modality"``.
+
+        No grouping, no sizes read from tensors: a traced or exported graph keeps a dynamic batch.
+        """
+        sh_map, sp_map = self.extractor.forward_modality(images, modality)
+        bank = {"shared": self.neck_sh(self.pool_sh(sh_map)).float()}
+        if sp_map is not None:
+            bank["specific"] = self.necks_sp[modality](self.pool_sp(sp_map)).float()
+        return bank
+
+    @torch.no_grad()
     def score(self, query_bank: Bank, gallery_bank: Bank, mode: str | None = None) -> torch.Tensor:
         """Distances ``[Q, G]`` (cosine distance, smaller = more similar): :meth:`score_blocks` in full."""
         return self.score_blocks(query_bank, gallery_bank, mode).full()
 
     @torch.no_grad()
     def score_blocks(self, query_bank: Bank, gallery_bank: Bank, mode: str | None = None) -> DistanceBlocks:
-        """Distances ``[Q, G]`` in query blocks, so a large gallery never needs the whole matrix.
-
-        ``mode`` (default: the configured test mode): ``transductive`` (one SSTN graph over
-        query + gallery; every node's descriptor is computed here, blocks are products),
-        ``single_query`` (each query alone with the gallery; per query block on demand) or
-        ``off`` (no transfer). Without an SSTN every mode is ``off``.
-        """
-        mode = mode or self.test_mode
-        if mode not in MODES:
-            raise UserError(f"test mode {mode!r} is not one of {MODES}")
-        if self.sstn is None or mode == "off":
-            q, g = self._plain(query_bank), self._plain(gallery_bank)
-            return DistanceBlocks((len(q), len(g)), lambda start, stop: 1.0 - q[start:stop] @ g.T, device=q.device)
-
-        def triple(bank: Bank) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-            return bank["shared"].float(), _maybe_float(bank.get("specific")), bank["modality"]
-
-        return self.sstn.distance_blocks(triple(query_bank), triple(gallery_bank), mode)
-
-    def _plain(self, bank: Bank) -> torch.Tensor:
-        shared = F.normalize(bank["shared"].float(), dim=1)
-        if self.off_features == "concat" and "specific" in bank:
-            specific = F.normalize(bank["specific"].float(), dim=1)
-            return torch.cat([shared, specific], dim=1) / math.sqrt(2.0)
-        return shared
+        """Distances ``[Q, G]`` in query blocks (see :func:`score_bank_blocks`), by default in the
+        configured test mode."""
+        return score_bank_blocks(self.sstn, self.off_features, query_bank, gallery_bank, mode or self.test_mode)
 
     # ------------------------------------------------------------------ optimisation
 
@@ -253,6 +246,58 @@ class CmSSFT(nn.Module):
             {"name": "backbone", "params": backbone, "lr": base_lr * backbone_lr_mult},
             {"name": "heads", "params": heads, "lr": base_lr},
         ]
+
+
+class BankScorer(nn.Module):
+    """The test-time scoring of a :class:`CmSSFT` without its extractor.
+
+    Its state dict is the model's ``sstn.*`` entries under the same names, so a features file
+    that stores them (with the settings that rebuild the SSTN) scores exactly like the model.
+    """
+
+    def __init__(self, sstn: SSTN | None, test_mode: str = "transductive", off_features: str = "shared") -> None:
+        super().__init__()
+        if test_mode not in MODES:
+            raise UserError(f"test mode {test_mode!r} is not one of {MODES}")
+        self.sstn = sstn
+        self.test_mode = test_mode
+        self.off_features = off_features
+
+    @torch.no_grad()
+    def score_blocks(self, query_bank: Bank, gallery_bank: Bank, mode: str | None = None) -> DistanceBlocks:
+        """As :meth:`CmSSFT.score_blocks`."""
+        return score_bank_blocks(self.sstn, self.off_features, query_bank, gallery_bank, mode or self.test_mode)
+
+
+def score_bank_blocks(
+    sstn: SSTN | None, off_features: str, query_bank: Bank, gallery_bank: Bank, mode: str
+) -> DistanceBlocks:
+    """Distances ``[Q, G]`` between two banks in query blocks, so a large gallery never needs the whole matrix.
+
+    ``mode``: ``transductive`` (one SSTN graph over query + gallery; every node's descriptor is
+    computed here, blocks are products), ``single_query`` (each query alone with the gallery; per
+    query block on demand) or ``off`` (no transfer: cosine of :func:`plain_features`). Without an
+    SSTN every mode is ``off``.
+    """
+    if mode not in MODES:
+        raise UserError(f"test mode {mode!r} is not one of {MODES}")
+    if sstn is None or mode == "off":
+        q, g = plain_features(query_bank, off_features), plain_features(gallery_bank, off_features)
+        return DistanceBlocks((len(q), len(g)), lambda start, stop: 1.0 - q[start:stop] @ g.T, device=q.device)
+
+    def triple(bank: Bank) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        return bank["shared"].float(), _maybe_float(bank.get("specific")), bank["modality"]
+
+    return sstn.distance_blocks(triple(query_bank), triple(gallery_bank), mode)
+
+
+def plain_features(bank: Bank, off_features: str = "shared") -> torch.Tensor:
+    """Unit rows ``[N, C]`` (``shared``) or ``[N, 2C]`` (``concat``: shared and specific, each unit, over sqrt 2)."""
+    shared = F.normalize(bank["shared"].float(), dim=1)
+    if off_features == "concat" and "specific" in bank:
+        specific = F.normalize(bank["specific"].float(), dim=1)
+        return torch.cat([shared, specific], dim=1) / math.sqrt(2.0)
+    return shared
 
 
 def _maybe_float(t: torch.Tensor | None) -> torch.Tensor | None:

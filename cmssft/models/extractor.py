@@ -76,3 +76,17 @@ class TwoStreamExtractor(nn.Module):
         if fork is None:
             return x, None
         return x, per_modality(fork, sizes, self.specific)
+
+    def forward_modality(self, x: torch.Tensor, modality: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images all of one ``modality`` ``[B, 3, H, W]`` -> (shared map, specific map or None).
+
+        The same stages as :meth:`forward` for a batch of that modality alone; no split by sizes,
+        so tracing and ONNX export keep the batch dimension dynamic.
+        """
+        fork = None
+        stages = [*(self.stems[modality] if self.first_shared > 0 else []), *self.shared]
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i == self.fork:
+                fork = x
+        return x, None if fork is None else self.specific[modality](fork)
