@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# The real public split files (SYSU-MM01 exp/, RegDB idx/), vendored: see tests/fixtures/README.md.
+SPLIT_FILES = REPO_ROOT / "tests" / "fixtures" / "split_files.tar.xz"
 TINY = {"height": 64, "width": 32, "seed": 0, "progress": False}
 
 # Overrides for training runs in tests: 64x32 images, 2 ids x 2 images per modality, a small ResNet on the CPU.
@@ -25,12 +27,21 @@ TINY_DATA = [
 SHARED_ONLY = ["model.use_specific=false", "model.project_adversarial=false", "model.reconstruction=false"]
 
 
+def unpack_split_files(target: Path) -> Path:
+    """Unpack the vendored split files into ``target`` (``sysu-mm01/exp/...``, ``regdb/idx/...``)."""
+    with tarfile.open(SPLIT_FILES, "r:xz") as archive:
+        if hasattr(tarfile, "data_filter"):  # refuse links and absolute paths where Python can
+            archive.extractall(target, filter="data")
+        else:
+            archive.extractall(target)
+    return target
+
+
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The real public split files beside the checkout; tests that need them skip without them."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real split files not found at {SHARED_DATA} (they live beside the checkout)")
-    return SHARED_DATA
+def split_files(tmp_path_factory) -> Path:
+    """The real public split files, unpacked once per session from the repository's fixture, so no test
+    depends on anything beside the checkout."""
+    return unpack_split_files(tmp_path_factory.mktemp("split_files"))
 
 
 @pytest.fixture(scope="session")

@@ -101,10 +101,10 @@ def test_regdb_loader_reads_generated_tree(regdb_root):
         assert labels == list(range(len(labels)))
 
 
-def test_regdb_on_the_real_idx_files(shared_data, tmp_path):
+def test_regdb_on_the_real_idx_files(split_files, tmp_path):
     """The real split files: 2,060 query and 2,060 gallery images of 206 identities per trial."""
     root = tmp_path / "RegDB"
-    shutil.copytree(shared_data / "regdb" / "idx", root / "idx")
+    shutil.copytree(split_files / "regdb" / "idx", root / "idx")
     (root / "Visible").mkdir()
     (root / "Thermal").mkdir()
     for trial in range(1, 11):

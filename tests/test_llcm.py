@@ -310,7 +310,9 @@ def test_eval_rejects_foreign_directions_and_options(llcm_root, tmp_path, capsys
     save_features(npz, paths, np.ones((len(paths), 4), dtype=np.float32))
     base = ["--config", str(write_config(tmp_path, llcm_root)), "--features", str(npz)]
     for extra, message in ((["--direction", "v2t"], "LLCM direction must be ir2vis or vis2ir"),
+                           (["--direction", "t2v"], "LLCM direction must be ir2vis or vis2ir"),
                            (["--shots", "10"], "single-shot"),
+                           (["--mode", "indoor"], "--mode indoor is a SYSU-MM01 search mode"),
                            (["--protocol", "sysu"], "protocol sysu evaluates sysu_mm01")):
         assert run_cli(eval_main, base + extra) == 2
         err = capsys.readouterr().err.strip()

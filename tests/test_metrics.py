@@ -72,13 +72,19 @@ def test_inp_uses_hardest_match():
 
 
 def test_sysu_rule_drops_camera2_for_camera3_queries():
-    g_pids, g_cams = [1, 2, 1], [2, 1, 4]
-    dist = [[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]
-    m = run(dist, [1, 1], g_pids, q_cams=[3, 6], g_cams=g_cams, exclusion="sysu", dedup=True)
-    # camera-3 query: camera-2 match removed -> list (2, 1): rank 2, AP 1/2; camera-6 query: rank 1
-    assert m.rank(1) == pytest.approx(0.5)
-    assert m.ap.tolist() == pytest.approx([0.5, (1 + 2 / 3) / 2])
-    # the rule ignores identity: a camera-3 query loses *every* camera-2 image
+    """A camera-3 query loses *every* camera-2 image, of any identity; a camera-6 query keeps them all."""
+    # ranked gallery (pid/cam): 2/c2, 1/c2, 3/c1, 4/c5, 1/c4 -- another identity's camera-2 image comes first
+    g_pids, g_cams = [2, 1, 3, 4, 1], [2, 2, 1, 5, 4]
+    dist = [[0.05, 0.1, 0.2, 0.25, 0.3]] * 2
+    for dedup in (False, True):
+        m = run(dist, [1, 1], g_pids, q_cams=[3, 6], g_cams=g_cams, exclusion="sysu", dedup=dedup)
+        # camera 3: list 3, 4, 1 -> rank 3, AP 1/3, INP 1/3 (dropping only its own identity's camera-2 image
+        # would leave 2/c2 ahead: rank 4); camera 6: list 2, 1, 3, 4, 1 -> rank 2, AP (1/2 + 2/5) / 2, INP 2/5
+        assert m.num_valid == 2
+        assert m.cmc[:3].tolist() == pytest.approx([0.0, 0.5, 1.0])
+        assert m.ap.tolist() == pytest.approx([1 / 3, (1 / 2 + 2 / 5) / 2])
+        assert m.inp.tolist() == pytest.approx([1 / 3, 2 / 5])
+    # a camera-3 query whose only match is in camera 2 has nothing left to find
     with pytest.raises(ValueError):
         run([[0.1]], [1], [1], q_cams=[3], g_cams=[2], exclusion="sysu")
 

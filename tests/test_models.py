@@ -110,6 +110,9 @@ def test_routing_keeps_each_image_with_its_own_branch(full_model):
 
 @pytest.mark.parametrize("mode", ["transductive", "single_query", "off"])
 def test_score_modes(full_model, mode):
+    """Each mode gives its own distances: the SSTN's (checked against the dense reference) or the plain cosine."""
+    from cmssft.models.sstn_reference import dense_distance
+
     full_model.eval()
     images, modality, _ = tiny_batch()
     bank = full_model.extract(images, modality)
@@ -122,6 +125,14 @@ def test_score_modes(full_model, mode):
         q = torch.nn.functional.normalize(query["shared"], dim=1)
         g = torch.nn.functional.normalize(gallery["shared"], dim=1)
         assert torch.allclose(dist, 1 - q @ g.T, atol=1e-6)
+    else:
+        def triple(part):
+            return part["shared"], part["specific"], part["modality"]
+
+        assert torch.allclose(dist, dense_distance(full_model.sstn, triple(query), triple(gallery), mode), atol=1e-5)
+    for other in {"transductive", "single_query", "off"} - {mode}:
+        assert not torch.allclose(dist, full_model.score(query, gallery, other), atol=1e-4), other
+    assert torch.equal(full_model.score(query, gallery), full_model.score(query, gallery, full_model.test_mode))
 
 
 def test_single_query_on_the_model_equals_separate_transductive_calls(full_model):

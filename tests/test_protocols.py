@@ -12,13 +12,9 @@ import pytest
 import scipy.io
 
 from cmssft.data.datasets import load_dataset
+from cmssft.data.records import Modality
 from cmssft.errors import UserError
 from cmssft.evaluation import protocols as P
-from tests.conftest import SHARED_DATA
-
-SHARED = SHARED_DATA  # the real split files beside the checkout
-REAL_PERM = SHARED / "sysu-mm01" / "exp" / "rand_perm_cam.mat"
-REAL_REGDB_IDX = SHARED / "regdb" / "idx"
 
 
 def make_sysu_tree(
@@ -161,17 +157,16 @@ def test_official_rejects_foreign_and_mismatched_files(sysu, tmp_path):
         P.sysu_official(sysu, write_perm(tmp_path / "bad.mat", bad))
 
 
-def test_real_rand_perm_file(tmp_path):
-    if not REAL_PERM.is_file():
-        pytest.skip(f"real rand_perm_cam.mat not present at {REAL_PERM}")
-    perm = P.load_rand_perm(REAL_PERM)
+def test_real_rand_perm_file(split_files, tmp_path):
+    real_perm = split_files / "sysu-mm01" / "exp" / "rand_perm_cam.mat"
+    perm = P.load_rand_perm(real_perm)
     assert len(perm) == 6
-    test_ids = [int(x) for x in (REAL_PERM.parent / "test_id.txt").read_text().split(",")]
+    test_ids = [int(x) for x in (real_perm.parent / "test_id.txt").read_text().split(",")]
     counts = {pid: tuple(P._perm_row(perm, cam, pid).shape[1] for cam in range(1, 7)) for pid in test_ids}
     counts[1] = (1, 0, 0, 0, 0, 0)  # one training image so the loader accepts the tree
     root = make_sysu_tree(tmp_path / "SYSU-MM01", counts, train=[1], val=[], test=test_ids)
     (root / "exp" / "val_id.txt").write_text("1\n")
-    shutil.copy(REAL_PERM, root / "exp" / "rand_perm_cam.mat")
+    shutil.copy(real_perm, root / "exp" / "rand_perm_cam.mat")
     dataset = load_dataset("sysu_mm01", root)
     sizes = {
         (mode, shots): len(P.sysu_official(dataset, mode=mode, shots=shots, trials=1).trials[0].gallery_idx)
@@ -197,10 +192,8 @@ def make_regdb_tree(root: Path, idx_source: Path) -> Path:
 
 
 @pytest.mark.parametrize("direction", ["v2t", "t2v"])
-def test_regdb_real_idx(tmp_path, direction):
-    if not REAL_REGDB_IDX.is_dir():
-        pytest.skip(f"real RegDB idx files not present at {REAL_REGDB_IDX}")
-    root = make_regdb_tree(tmp_path / "RegDB", REAL_REGDB_IDX)
+def test_regdb_real_idx(split_files, tmp_path, direction):
+    root = make_regdb_tree(tmp_path / "RegDB", split_files / "regdb" / "idx")
     dataset = load_dataset("regdb", root, trial=1)
     protocol = P.regdb(dataset, 1, direction)
     trial = protocol.trials[0]
@@ -212,6 +205,27 @@ def test_regdb_real_idx(tmp_path, direction):
     lines = (root / "idx" / f"test_{'visible' if direction == 'v2t' else 'thermal'}_1.txt").read_text().split("\n")
     assert [Path(s.path).relative_to(root).as_posix() for s in queries] == [ln.split()[0] for ln in lines if ln]
     assert protocol.exclusion == "none" and not protocol.dedup and trial.index == 1
+
+
+@pytest.mark.parametrize("direction", ["v2t", "t2v", "auto"])
+def test_regdb_direction_picks_the_query_modality(regdb_root, direction):
+    """v2t (and auto) queries the visible images against the thermal ones, t2v the reverse, every trial."""
+    visible_first = direction != "t2v"
+    for trial in (1, 7):
+        dataset = load_dataset("regdb", regdb_root, trial=trial)
+        protocol = P.regdb(dataset, trial, direction)
+        (only,) = protocol.trials
+        queries, gallery = protocol.query_samples(only), protocol.gallery_samples(only)
+        visible, thermal = list(dataset.query), list(dataset.gallery)  # the loader: query = visible
+        assert [s.path for s in queries] == [s.path for s in (visible if visible_first else thermal)]
+        assert [s.path for s in gallery] == [s.path for s in (thermal if visible_first else visible)]
+        q_mod, g_mod = (Modality.RGB, Modality.IR) if visible_first else (Modality.IR, Modality.RGB)
+        assert {s.modality for s in queries} == {q_mod} and {s.modality for s in gallery} == {g_mod}
+        q_dir, g_dir = ("Visible", "Thermal") if visible_first else ("Thermal", "Visible")
+        assert all(f"/{q_dir}/" in s.path for s in queries) and all(f"/{g_dir}/" in s.path for s in gallery)
+        arrow = "visible->thermal" if visible_first else "thermal->visible"
+        assert protocol.description == f"RegDB trial {trial}, {arrow}" and only.index == trial
+        assert protocol.settings["direction"] == ("t2v" if direction == "t2v" else "v2t")
 
 
 def test_custom_manifest(tmp_path):

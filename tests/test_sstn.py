@@ -276,6 +276,44 @@ def test_balanced_single_query_equals_one_query_transductive_graphs(k, block_nor
         assert torch.allclose(single, separate, atol=1e-5)
 
 
+def tied_bank(n: int, seed: int, modality: int | None = None):
+    """Features with four entries of +-1 and four zeros: unit vectors of entries +-1/2, so every cosine is an
+    exact multiple of 1/4 and ties (between gallery nodes, and between a query and a row's k-th) abound."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def vectors() -> torch.Tensor:
+        out = torch.zeros(n, DIM)
+        for i in range(n):
+            out[i, torch.randperm(DIM, generator=gen)[:4]] = torch.randint(0, 2, (4,), generator=gen) * 2.0 - 1
+        return out
+
+    mod = torch.randint(0, 2, (n,), generator=gen) if modality is None else torch.full((n,), modality)
+    return vectors(), vectors(), mod
+
+
+TIED = [((3, 0), False), ((4, 0), False), ((4, 2), False), ((4, 2), True), ((3, 1), True)]
+
+
+@pytest.mark.parametrize(("k", "block_norm"), TIED)
+@pytest.mark.parametrize("normalize", ["softmax", "sum"])
+@pytest.mark.parametrize("self_loops", [False, True])
+def test_single_query_breaks_ties_like_the_one_query_graph(k, block_norm, normalize, self_loops):
+    """In a one-query graph the query is node 0, so it wins every tie: it enters a gallery row whose k-th
+    similarity it only equals, and evicts that k-th. Single-query scoring must follow the same rule."""
+    sstn = make_sstn(topk=k[0], cross_k=k[1], block_norm=block_norm, normalize=normalize, self_loops=self_loops,
+                     chunk=4)
+    entered = 0
+    for seed, (q_mod, g_mod) in enumerate([(1, 0), (None, None), (0, 0)]):
+        query, gallery = tied_bank(6, 100 + seed, q_mod), tied_bank(10, 200 + seed, g_mod)
+        single = sstn.distance(query, gallery, "single_query")
+        separate = torch.cat([sstn.distance(row(query, i), gallery, "transductive") for i in range(6)])
+        assert torch.allclose(single, separate, atol=1e-5)
+        q, g = sstn.nodes(*query), sstn.nodes(*gallery)
+        kth = sstn.graph(sstn.similarity(g, g), g.modality[:, None] == g.modality[None, :]).value[:, -1]
+        entered += int((sstn.similarity(q, g) == kth).sum())
+    assert entered > 0  # the banks do hold queries that tie with a row's last kept neighbour
+
+
 @pytest.mark.parametrize(("k", "block_norm"), [((3, 1), False), ((4, 2), True), ((3, 3), False)])
 @pytest.mark.parametrize("mode", ["transductive", "single_query"])
 def test_balanced_chunked_equals_the_dense_reference(k, block_norm, mode):
@@ -299,3 +337,35 @@ def test_test_graph_edges_come_with_the_distances():
     edges = sstn.distance_blocks(query, gallery, "single_query").edges()
     assert edges.valid[:4].all() and not edges.valid[4:].any()
     assert (modality[edges.index[:4]] == 0).all()
+
+
+def test_single_query_self_loop_edges_point_at_each_query_itself():
+    """With self loops a query is its own most similar candidate; its test-graph edge must name its own node,
+    in every query block (chunk) alike."""
+    sstn = make_sstn(topk=3, self_loops=True, chunk=2)
+    query, gallery = make_bank(5, seed=3, modality=1), make_bank(7, seed=4, modality=0)
+    edges = sstn.distance_blocks(query, gallery, "single_query").edges()
+    own = torch.arange(5).unsqueeze(1)
+    assert (edges.index[:5] == own).any(dim=1).all()
+    assert ((edges.index[:5] == own) | (edges.index[:5] >= 5)).all()  # else gallery nodes, numbered after the queries
+
+
+def test_centring_uses_the_running_means_at_test_time():
+    """``center=True``: at test time every node is centred by its modality's running mean, whatever else is in the
+    batch, so single-query scoring still equals one-query graphs; training updates the means by ``momentum``."""
+    sstn = make_sstn(topk=3, cross_k=1, center=True, center_momentum=0.25)
+    sstn.modality_mean.normal_()
+    shared, specific, modality = make_bank(9, seed=12)
+    nodes = sstn.nodes(shared, specific, modality)
+    expected = torch.nn.functional.normalize(shared - sstn.modality_mean[modality], dim=1)
+    assert torch.allclose(nodes.sh, expected, atol=1e-6)
+    assert torch.allclose(sstn.nodes(*row((shared, specific, modality), 4)).sh, nodes.sh[4:5], atol=1e-6)
+    query, gallery = make_bank(5, seed=13), make_bank(8, seed=14)
+    single = sstn.distance(query, gallery, "single_query")
+    separate = torch.cat([sstn.distance(row(query, i), gallery, "transductive") for i in range(5)])
+    assert torch.allclose(single, separate, atol=1e-5)
+    before = sstn.modality_mean.clone()
+    sstn.train()(shared, specific, modality)
+    for m in (0, 1):
+        batch_mean = shared[modality == m].mean(dim=0)
+        assert torch.allclose(sstn.modality_mean[m], before[m] + 0.25 * (batch_mean - before[m]), atol=1e-6)

@@ -143,10 +143,10 @@ def test_like_sysu_plan_has_the_real_shapes():
     assert [len(texts[f"exp/{s}_id.txt"].split(",")) for s in ("train", "val", "test")] == [296, 99, 96]
 
 
-def test_like_sysu_matches_the_real_split_files(shared_data):
+def test_like_sysu_matches_the_real_split_files(split_files):
     texts = plan_metadata("sysu", like_sysu=True)
     for name in ("train", "val", "test"):
-        real = (shared_data / "sysu-mm01" / "exp" / f"{name}_id.txt").read_text()
+        real = (split_files / "sysu-mm01" / "exp" / f"{name}_id.txt").read_text()
         assert [int(v) for v in texts[f"exp/{name}_id.txt"].split(",")] == [int(v) for v in real.split(",")]
 
 
