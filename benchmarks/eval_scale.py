@@ -39,7 +39,7 @@ def point(args: argparse.Namespace) -> dict:
     if args.score == "cosine":
         blocks = cosine_blocks(torch.randn(n, dim, generator=gen), torch.randn(n, dim, generator=gen))
     else:
-        sstn = SSTN(dim, topk=6).eval()
+        sstn = SSTN(dim, topk=6, cross_k=6).eval()  # the default graph: other-modality neighbours only
 
         def bank(modality: int):
             return torch.randn(n, dim, generator=gen), torch.randn(n, dim, generator=gen), torch.full((n,), modality)

@@ -45,7 +45,8 @@ def point(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(torch.get_num_threads())
     query, gallery = banks(args.n, args.dim, args.device)
-    sstn = SSTN(args.dim, topk=args.topk, chunk=args.chunk).eval().to(args.device)
+    cross_k = args.topk if args.cross_k < 0 else args.cross_k
+    sstn = SSTN(args.dim, topk=args.topk, cross_k=cross_k, chunk=args.chunk).eval().to(args.device)
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -75,8 +76,8 @@ def point(args: argparse.Namespace) -> dict:
 
 def spawn(args: argparse.Namespace, n: int, mode: str, dense: bool) -> dict:
     command = [sys.executable, __file__, "--point", "--n", str(n), "--mode", mode, "--dim", str(args.dim),
-               "--topk", str(args.topk), "--chunk", str(args.chunk), "--dense-queries", str(args.dense_queries),
-               "--device", args.device] + (["--dense"] if dense else [])
+               "--topk", str(args.topk), "--cross-k", str(args.cross_k), "--chunk", str(args.chunk),
+               "--dense-queries", str(args.dense_queries), "--device", args.device] + (["--dense"] if dense else [])
     proc = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["transductive", "single_query"])
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--topk", type=int, default=6)
+    parser.add_argument("--cross-k", type=int, default=-1, help="model.sstn.cross_k (-1: all topk, the default)")
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--dense-max", type=int, default=10000)
     parser.add_argument("--dense-queries", type=int, default=2)

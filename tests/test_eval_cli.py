@@ -13,10 +13,10 @@ import torch
 
 from cmssft.data.datasets import load_dataset
 from cmssft.errors import UserError, run_cli
-from cmssft.evaluation import Evaluator, sysu_community
+from cmssft.evaluation import Evaluator, summarize, sysu_community
 from cmssft.evaluation.cli import main
 from cmssft.evaluation.features_io import save_features
-from cmssft.evaluation.visualize import ranked_lists_image, save_png
+from cmssft.evaluation.visualize import GREEN, RED, ranked_lists_image, save_png
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_IDS = [4, 5, 6, 7, 8, 9]
@@ -78,23 +78,42 @@ def test_features_end_to_end_json(setup, tmp_path, capsys):
     assert result["mean"]["rank1"] == pytest.approx(1.0) and result["std"]["mAP"] == pytest.approx(0.0)
     printed = capsys.readouterr().out
     assert "mean" in printed and "+- std" in printed and "100.00" in printed
-    assert printed.startswith("test: SYSU-MM01")  # the title train.py gives the same table
+    assert printed.startswith("test, no transfer (cosine of the features): SYSU-MM01")  # titled as train.py titles
     assert "chance level (random ranking): rank-1 " in printed
 
 
 def test_noisy_features_and_flags(setup, tmp_path):
+    """``--mode``, ``--trials``, ``--vis`` and ``--rerank``: re-ranking gives exactly the re-ranked evaluator's
+    numbers, which differ from the plain ones (so the flag cannot be silently dropped)."""
     root, cfg, _, paths = setup
     feats = tmp_path / "noisy.npz"
     save_features(feats, paths, identity_features(paths, noise=3.0, seed=1))
-    out = tmp_path / "res.json"
     argv = ["--config", str(cfg), "--features", str(feats), "--mode", "indoor", "--trials", "3",
-            "--rerank", "--json", str(out), "--vis", str(tmp_path / "vis"), "eval.batch_size=8"]
-    assert run_cli(main, argv) == 0
-    result = json.loads(out.read_text())
+            "--vis", str(tmp_path / "vis"), "eval.batch_size=8"]
+    outputs = {}
+    for name, extra in (("plain", []), ("reranked", ["--rerank"])):
+        out = tmp_path / f"{name}.json"
+        assert run_cli(main, [*argv, *extra, "--json", str(out)]) == 0
+        outputs[name] = json.loads(out.read_text())
+    result = outputs["reranked"]
     assert len(result["trials"]) == 3 and result["settings"]["mode"] == "indoor"
     assert result["trials"][0]["num_gallery"] == len(TEST_IDS) * 2 - 1
-    assert 0 < result["mean"]["mAP"] <= 1
     assert (tmp_path / "vis" / "sysu_trial0.png").is_file()
+    assert result["settings"]["rerank"] is True and outputs["plain"]["settings"]["rerank"] is False
+
+    dataset = load_dataset("sysu_mm01", root)
+    protocol = sysu_community(dataset, "indoor", trials=3)
+    rows = {p: i for i, p in enumerate(paths)}
+    saved = identity_features(paths, noise=3.0, seed=1)
+    bank = torch.from_numpy(saved[[rows[Path(s.path).relative_to(root).as_posix()] for s in protocol.candidates]])
+    for name, rerank in (("plain", False), ("reranked", True)):
+        expected = summarize("sysu", Evaluator(rerank=rerank).evaluate(protocol, bank))
+        got = outputs[name]
+        assert got["mean"] == pytest.approx(expected["mean"], abs=1e-12), name
+        for trial, want in zip(got["trials"], expected["trials"], strict=True):
+            assert trial["cmc"] == pytest.approx(want["cmc"], abs=1e-12)
+            assert trial["mAP"] == pytest.approx(want["mAP"], abs=1e-12)
+    assert outputs["plain"]["mean"]["mAP"] != pytest.approx(result["mean"]["mAP"], abs=1e-4)
 
 
 def test_missing_candidates_is_a_user_error(setup, tmp_path, capsys):
@@ -147,13 +166,36 @@ def test_evaluator_dict_bank_and_score_fn(setup):
 
 
 def test_ranked_list_picture(setup, tmp_path):
+    """Each row: the query, then its top-k in distance order with the exclusion applied, framed green for the
+    query's identity and red for any other."""
     root, _, _, _ = setup
     protocol = sysu_community(load_dataset("sysu_mm01", root), trials=1)
     trial = protocol.trials[0]
     queries, gallery = protocol.query_samples(trial), protocol.gallery_samples(trial)
-    dist = torch.rand(len(queries), len(gallery))
-    image = ranked_lists_image(dist, queries, gallery, [0, 5], k=10, exclusion="sysu", height=32, width=16)
+    chosen = [next(i for i, q in enumerate(queries) if q.camid == cam and q.pid == 5) for cam in (3, 6)]
+    # camera-2 images nearest of all, the query's own identity next, the rest in a shuffled order
+    order = torch.randperm(len(gallery), generator=torch.Generator().manual_seed(0)).double()
+    dist = torch.stack([torch.tensor([0.0 if g.camid == 2 else 1.0 if g.pid == queries[qi].pid else 2.0 + order[j]
+                                      for j, g in enumerate(gallery)]) for qi in range(len(queries))])
+    k, height, width, border, gap = 8, 32, 16, 4, 12  # the picture's default frame and gap
+    image = ranked_lists_image(dist, queries, gallery, chosen, k=k, exclusion="sysu", height=height, width=width)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    tile, row_height = width + 2 * border, height + 2 * border + 6
+    assert image.shape[:2] == (len(chosen) * row_height, tile + gap + k * (tile + 2) - 2)  # k tiles a row
+    for r, qi in enumerate(chosen):
+        query = queries[qi]
+        ranked = sorted(range(len(gallery)), key=lambda j: (float(dist[qi, j]), j))
+        if query.camid == 3:  # SYSU-MM01: a camera-3 query never sees camera 2
+            ranked = [j for j in ranked if gallery[j].camid != 2]
+        expected = [gallery[j] for j in ranked[:k]]
+        assert any(g.camid == 2 for g in expected) == (query.camid == 6)
+        assert {g.pid == query.pid for g in expected} == {True, False}  # both frame colours occur
+        top = r * row_height
+        for n, g in enumerate(expected):
+            left = tile + gap + n * (tile + 2)
+            frame = tuple(image[top + 1, left + 1])
+            assert frame == (GREEN if g.pid == query.pid else RED), (r, n)
+            assert tuple(image[top + border + 2, left + border + 2]) == (128, 128, 128)  # the (unreadable) image
     path = save_png(image, tmp_path / "ranked.png")
     assert path.stat().st_size > 0
 
@@ -190,6 +232,23 @@ def test_regdb_per_trial_features(tmp_path, direction):
     assert result["protocol"] == "regdb" and [t["trial"] for t in result["trials"]] == [1, 2]
     assert all(t["num_query"] == 8 and t["num_gallery"] == 8 for t in result["trials"])
     assert result["mean"]["rank1"] == pytest.approx(1.0)
+    arrow = "visible->thermal" if direction == "v2t" else "thermal->visible"
+    assert result["settings"]["direction"] == direction
+    assert result["settings"]["description"] == f"RegDB trials 1, 2, {arrow}"
+
+
+@pytest.mark.parametrize("direction", ["ir2vis", "vis2ir"])
+def test_regdb_rejects_llcm_directions(tmp_path, capsys, direction):
+    root = make_regdb(tmp_path / "RegDB", trials=1)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data:\n  name: regdb\n  root: {root}\n")
+    paths = [f"{tag}/{pid}/{tag[0].lower()}_{j}_{pid}.bmp" for tag in ("Visible", "Thermal")
+             for pid in range(1, 9) for j in (1, 2)]
+    save_features(tmp_path / "feats.npz", paths, np.ones((len(paths), 4), dtype=np.float32))
+    argv = ["--config", str(cfg), "--features", str(tmp_path / "feats.npz"), "--direction", direction]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"RegDB direction must be v2t or t2v, got {direction!r}" in err
 
 
 def test_eval_debug_flag_is_documented_and_keeps_the_traceback(setup, tmp_path):

@@ -64,7 +64,7 @@ def test_tensorboard_event_files_hold_the_curves(trained_run):
     assert "test/ranked_lists" in events.Tags()["images"]
 
 
-def test_eval_py_reproduces_the_numbers_training_printed(trained_run, sysu_root, tmp_path):
+def test_eval_py_reproduces_the_numbers_training_printed(trained_run, sysu_root, tmp_path, capsys):
     from cmssft.evaluation.cli import main as eval_main
 
     logged = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
@@ -76,16 +76,31 @@ def test_eval_py_reproduces_the_numbers_training_printed(trained_run, sysu_root,
     mean = json.loads(out.read_text())["mean"]
     assert mean["mAP"] == pytest.approx(final["test/mAP"], abs=1e-6)
     assert mean["rank1"] == pytest.approx(final["test/rank1"], abs=1e-6)
+    title = capsys.readouterr().out.splitlines()[0]
+    assert title.startswith("test, transductive SSTN: ") and title in (trained_run / "log.txt").read_text()
 
 
 def test_resume_continues_to_the_same_weights(trained_run, sysu_root, tmp_path):
-    """1 epoch, stop, resume for the 2nd: the same final weights as the uninterrupted 2-epoch run."""
+    """1 epoch, stop, resume for the 2nd: the run *continues* (it says where, and takes only the remaining
+    steps) and ends with the same final weights as the uninterrupted 2-epoch run.
+
+    Equal weights alone prove nothing here: with ``train.deterministic=true`` a run that ignored last.pth and
+    retrained from scratch would reach them too, so the log and the step numbers are checked as well.
+    """
     run_dir = tmp_path / "resumed"
     train(run_dir, sysu_root, "train.epochs=1")
     train(run_dir, sysu_root, "--resume", "train.epochs=2")
+    log = (run_dir / "log.txt").read_text()
+    assert log.count("resumed from") == 1
+    assert f"resumed from {run_dir / 'last.pth'} at epoch 1, step 2" in log
+    assert log.count("epoch 1 step 1: total ") == 1 and log.count("epoch 2 step 3: total ") == 1
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    loss_steps = [r["step"] for r in records if "loss/total" in r]
+    assert loss_steps == [1, 2, 3, 4]  # no step taken twice, none left out
+    assert [(r["step"], r["epoch"]) for r in records if "test/mAP" in r] == [(2, 1), (4, 2)]
     straight = load_checkpoint(trained_run / "last.pth")
     resumed = load_checkpoint(run_dir / "last.pth")
-    assert resumed["train_state"]["epoch"] == 2
+    assert resumed["train_state"]["epoch"] == 2 and resumed["train_state"]["step"] == 4
     for key, value in straight["model"].items():
         assert torch.allclose(value.float(), resumed["model"][key].float(), atol=1e-6), key
 
@@ -105,7 +120,8 @@ def test_log_txt_keeps_the_losses_and_the_results_table(trained_run):
     log = (trained_run / "log.txt").read_text()
     assert "epoch 1 step 1: total " in log and "epoch 2 step 4: total " in log  # train.log_every=1
     assert "epoch 2/2: mean loss " in log
-    assert "test: SYSU-MM01" in log and "+- std" in log and "chance level (random ranking)" in log
+    assert "test, transductive SSTN: SYSU-MM01" in log and "+- std" in log and "chance level (random ranking)" in log
+    assert "test, off (same model, no transfer): SYSU-MM01" in log  # eval.compare_modes: what the transfer adds
 
 
 def test_resume_of_a_finished_run_from_its_own_config_says_so(trained_run, capsys):
@@ -145,3 +161,47 @@ def test_last_pth_is_written_on_its_schedule(tmp_path, sysu_root, monkeypatch, e
     monkeypatch.setattr(trainer_module, "save_atomic", recording_save)
     train(tmp_path / "run", sysu_root, *SHARED_ONLY, "train.eval_every=0", "eval.trials=1", *extra)
     assert written == expected
+
+
+@pytest.mark.parametrize(
+    "train_ids, best_epoch",
+    [
+        ("train", 2),  # validation ids held out: the best validation mAP (epoch 2) selects
+        ("train+val", 3),  # no validation split: the last epoch, although the test split peaks at epoch 1
+    ],
+)
+def test_the_validation_split_and_never_the_test_split_selects_best_pth(
+    tmp_path, sysu_root, monkeypatch, train_ids, best_epoch
+):
+    """Scripted evaluations whose test mAP peaks where validation's does not: best.pth follows validation."""
+    from cmssft.data.datasets import load_dataset
+    from cmssft.engine import evaluate as evaluate_module
+
+    from .conftest import SHARED_ONLY
+
+    scripted = {"val": [0.2, 0.6, 0.4], "test": [0.9, 0.1, 0.5]}
+    evaluated: dict[str, set[int]] = {}
+
+    def scripted_evaluation(self, model, epoch):
+        evaluated[self.split] = {s.pid for s in self.protocol.candidates}
+        value = scripted[self.split][epoch - 1]
+        return {"rank1": value, "mAP": value, "mINP": value}
+
+    monkeypatch.setattr(evaluate_module.ProtocolEvaluation, "__call__", scripted_evaluation)
+    run_dir = tmp_path / "run"
+    train(run_dir, sysu_root, *SHARED_ONLY, f"data.train_ids={train_ids}", "train.epochs=3",
+          "train.iters_per_epoch=1", "eval.trials=1")
+    dataset = load_dataset("sysu_mm01", sysu_root, train_ids=train_ids)
+    test_ids = {s.pid for s in dataset.query}
+    if train_ids == "train":
+        val_ids = {s.pid for s in dataset.val_query}
+        assert evaluated == {"val": val_ids, "test": test_ids} and val_ids.isdisjoint(test_ids)
+    else:
+        assert evaluated == {"test": test_ids}
+    best = load_checkpoint(run_dir / "best.pth")["train_state"]
+    assert best["epoch"] == best["best_epoch"] == best_epoch
+    assert load_checkpoint(run_dir / "last.pth")["train_state"]["best_epoch"] == best_epoch
+    if train_ids == "train":
+        assert best["best_value"] == pytest.approx(0.6)
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test/mAP"] for r in logged if "test/mAP" in r] == pytest.approx(scripted["test"])  # still reported

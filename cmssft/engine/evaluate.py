@@ -24,7 +24,7 @@ from cmssft.engine.trainer import EvaluateFn
 from cmssft.evaluation import protocols as P
 from cmssft.evaluation.build import build_protocol, resolve_protocol
 from cmssft.evaluation.evaluator import Evaluator
-from cmssft.evaluation.report import format_table, summarize
+from cmssft.evaluation.report import format_table, summarize, table_title
 from cmssft.evaluation.visualize import ranked_lists_image, save_png
 
 LOG = logging.getLogger("cmssft")
@@ -108,15 +108,8 @@ class ProtocolEvaluation:
         summary = summary or self.last_summary
         if summary is None:
             return ""
-        mode = mode or self.cfg.model.sstn.test_mode
-        return format_table(summary, title=f"{self.split}, {MODE_TITLES.get(mode, mode)}: {self.protocol.description}")
-
-
-MODE_TITLES = {
-    "transductive": "transductive SSTN",
-    "single_query": "single-query SSTN",
-    "off": "off (same model, no transfer)",
-}
+        mode = mode or (self.cfg.model.sstn.test_mode if self.cfg.model.sstn.enabled else None)
+        return format_table(summary, title=table_title(self.split, mode, self.protocol.description))
 
 
 def flat_metrics(summary: dict) -> dict[str, float]:

@@ -95,6 +95,24 @@ def format_table(summary: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+MODE_TITLES = {
+    "transductive": "transductive SSTN",
+    "single_query": "single-query SSTN",
+    "off": "off (same model, no transfer)",
+}
+NO_TRANSFER = "no transfer (cosine of the features)"
+
+
+def scoring_title(mode: str | None) -> str:
+    """How a table's distances were computed: an SSTN test mode, or ``None`` for a plain cosine."""
+    return NO_TRANSFER if mode is None else MODE_TITLES.get(mode, mode)
+
+
+def table_title(split: str, mode: str | None, description: str) -> str:
+    """``test, transductive SSTN: SYSU-MM01 ...``: the same title from train.py and eval.py."""
+    return f"{split}, {scoring_title(mode)}: {description}"
+
+
 def write_json(summary: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
