@@ -23,6 +23,20 @@ TINY_DATA = [
     "model.pretrained=none",
     "train.device=cpu",
 ]
+# A tiny full model trained for 2 steps with no evaluation on the way: a real checkpoint, fast.
+TINY_CHECKPOINT_RUN = [
+    *TINY_DATA,
+    "model.specific_from=layer4",
+    "train.epochs=1",
+    "train.iters_per_epoch=2",
+    "train.optimizer=adam",
+    "train.lr=3e-4",
+    "train.warmup_epochs=0",
+    "train.eval_every=0",
+    "train.deterministic=true",
+    "eval.batch_size=32",
+    "eval.compare_modes=[]",
+]
 # The shared-only model: a small checkpoint and a quick step, for tests about the loop rather than the method.
 SHARED_ONLY = ["model.use_specific=false", "model.project_adversarial=false", "model.reconstruction=false"]
 

@@ -12,22 +12,9 @@ from cmssft.errors import run_cli
 from cmssft.evaluation.cli import main as eval_main
 from cmssft.evaluation.features_io import read_feature_file, save_features
 
-from .conftest import TINY_DATA
+from .conftest import TINY_CHECKPOINT_RUN
 
-TINY_TRAIN = [
-    *TINY_DATA,
-    "model.specific_from=layer4",
-    "train.epochs=1",
-    "train.iters_per_epoch=2",
-    "train.optimizer=adam",
-    "train.lr=3e-4",
-    "train.warmup_epochs=0",
-    "train.eval_every=0",
-    "train.deterministic=true",
-    "eval.trials=2",
-    "eval.batch_size=32",
-    "eval.compare_modes=[]",
-]
+TINY_TRAIN = [*TINY_CHECKPOINT_RUN, "eval.trials=2"]
 # Configured at evaluation time, for both --checkpoint and --features.
 EVAL = ["eval.trials=3", "eval.batch_size=32", "train.device=cpu", "data.num_workers=0"]
 

@@ -24,22 +24,9 @@ from cmssft.evaluation.metrics import DistanceBlocks, ranked_top_k
 from cmssft.evaluation.protocols import Protocol, Trial
 from cmssft.search import folder_modality, main
 
-from .conftest import REPO_ROOT, TINY_DATA
+from .conftest import REPO_ROOT, TINY_CHECKPOINT_RUN
 
-TINY_TRAIN = [
-    *TINY_DATA,
-    "model.specific_from=layer4",
-    "train.epochs=1",
-    "train.iters_per_epoch=2",
-    "train.optimizer=adam",
-    "train.lr=3e-4",
-    "train.warmup_epochs=0",
-    "train.eval_every=0",
-    "train.deterministic=true",
-    "eval.trials=1",
-    "eval.batch_size=32",
-    "eval.compare_modes=[]",
-]
+TINY_TRAIN = [*TINY_CHECKPOINT_RUN, "eval.trials=1"]
 TOPK = 5
 
 
