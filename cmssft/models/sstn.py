@@ -369,7 +369,6 @@ class SSTN(nn.Module):
 
     def graph(self, similarity: torch.Tensor, same: torch.Tensor | None = None, row_offset: int = 0) -> Graph:
         """``T_k`` then row normalisation; row i is node ``row_offset + i`` of the column set."""
-        n, m = similarity.shape
         if not self.self_loops:
             similarity = similarity.clone()
             similarity.diagonal(offset=row_offset).fill_(_NEG_INF)
