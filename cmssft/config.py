@@ -84,6 +84,9 @@ class SSTNConfig:
     off_features: Literal["shared", "concat"] = "shared"  # test_mode=off: shared only, or [shared, specific]
     chunk: int = 512  # rows (test nodes or queries) per block when scoring; bounds memory only
     global_batch: bool = False  # distributed training: one graph over every process's batch (all-gather)
+    # training only: that many samples of earlier batches join each batch graph as extra candidates, so
+    # that few of a node's candidates are its identity, as in a test graph (0: the batch alone)
+    memory: int = 0
 
 
 @dataclass
@@ -491,6 +494,7 @@ RANGES: dict[str, Range] = {
     "model.sstn.affinity_dim": AT_LEAST_0,
     "model.sstn.fused_dim": AT_LEAST_0,
     "model.sstn.chunk": AT_LEAST_1,
+    "model.sstn.memory": AT_LEAST_0,
     "loss.label_smoothing": Range(0, 1, open_high=True),
     "loss.triplet_margin": AT_LEAST_0,
     "loss.hard_negatives": AT_LEAST_1,

@@ -109,13 +109,13 @@ def test_propagate_is_the_dense_product():
 def test_training_forward_shapes_and_residual_fusion():
     sstn = make_sstn().train()
     shared, specific, modality = make_bank(12, seed=3)
-    fused, fused_bn, graph = sstn(shared, specific, modality)
+    fused, fused_bn, graph, _, _ = sstn(shared, specific, modality)
     assert fused.shape == fused_bn.shape == (12, 3 * DIM)
     assert graph.index.shape == graph.weight.shape == (12, 6)
     x = unify(shared, specific, modality)
     assert torch.allclose(fused, x + to_dense(graph, 12) @ x, atol=1e-5)
     concat = SSTN(DIM, fusion="concat", fused_dim=5)
-    fused, fused_bn, _ = concat(shared, specific, modality)
+    fused, fused_bn, *_ = concat(shared, specific, modality)
     assert fused.shape == (12, 5)
 
 

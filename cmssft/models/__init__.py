@@ -80,6 +80,7 @@ def build_sstn(cfg: Config) -> SSTN | None:
         fused_dim=s.fused_dim,
         bnneck=m.bnneck,
         chunk=s.chunk,
+        memory=s.memory,
     )
 
 

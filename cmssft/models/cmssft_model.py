@@ -46,7 +46,7 @@ from cmssft.models.extractor import TwoStreamExtractor
 from cmssft.models.heads import ModalityDiscriminator
 from cmssft.models.neck import BNNeck, make_pool
 from cmssft.models.routing import group_by_modality, per_modality
-from cmssft.models.sstn import MODES, SSTN, affinity_stats
+from cmssft.models.sstn import MODES, SSTN
 
 Bank = dict[str, torch.Tensor]
 # Rows [B, ...] of this process -> (rows of every process in rank order [W*B, ...], start of this process's
@@ -164,16 +164,16 @@ class CmSSFT(nn.Module):
         """The SSTN graph over this batch, or, with ``batch_gather`` set, over the batches of every
         process (one larger graph, as if one process held them all); this batch's rows are returned."""
         if self.batch_gather is None:
-            fused, fused_bn, graph = self.sstn(bn_sh, bn_sp, modality)
-            return fused, fused_bn, affinity_stats(graph, modality, labels)
+            out = self.sstn(bn_sh, bn_sp, modality, labels)
+            return out.fused, out.fused_bn, out.stats()
         rows = bn_sh.shape[0]
         all_sh, start = self.batch_gather(bn_sh)
         all_sp = None if bn_sp is None else self.batch_gather(bn_sp)[0]
         all_modality = self.batch_gather(modality)[0]
         all_labels = None if labels is None else self.batch_gather(labels)[0]
-        fused, fused_bn, graph = self.sstn(all_sh, all_sp, all_modality)
+        out = self.sstn(all_sh, all_sp, all_modality, all_labels)
         own = slice(start, start + rows)
-        return fused[own], fused_bn[own], affinity_stats(graph, all_modality, all_labels)
+        return out.fused[own], out.fused_bn[own], out.stats()
 
     def _features(
         self, x: torch.Tensor, sizes: list[int]

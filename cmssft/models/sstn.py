@@ -43,6 +43,7 @@ from torch import nn
 from cmssft.errors import UserError
 from cmssft.evaluation.graph_stats import KeptEdges, edge_statistics
 from cmssft.evaluation.metrics import DistanceBlocks
+from cmssft.models.candidate_memory import CandidateMemory
 from cmssft.models.neck import BNNeck
 
 _EPS = 1e-6
@@ -76,6 +77,22 @@ class Graph(NamedTuple):
     def edges(self, offset: int = 0) -> KeptEdges:
         """The kept edges for :mod:`~cmssft.evaluation.graph_stats`, node ids shifted by ``offset``."""
         return KeptEdges(self.index + offset, self.weight, self.valid)
+
+
+class BatchTransfer(NamedTuple):
+    """The training forward's output: fused features ``[N, D']`` before and after the BN-neck, the
+    batch graph (``[N, k]``, indices into its columns) and its columns' ``modality`` / ``labels``
+    (``[N + F]``: the batch, then F remembered samples; labels None when none were given)."""
+
+    fused: torch.Tensor
+    fused_bn: torch.Tensor
+    graph: Graph
+    column_modality: torch.Tensor
+    column_labels: torch.Tensor | None
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """:func:`affinity_stats` of the graph."""
+        return affinity_stats(self.graph, self.column_modality, self.column_labels)
 
 
 class _Block(NamedTuple):
@@ -250,6 +267,9 @@ class SSTN(nn.Module):
         center: subtract each modality's mean from the shared affinity embedding before the cosine
             (batch means in training, their running average at test time), removing the offset
             between the modalities that biases cross-modality similarities.
+        memory: >0 keeps that many samples of earlier training batches as extra candidates of the
+            training graph (:mod:`~cmssft.models.candidate_memory`), so that, as at test time, few
+            of a node's candidates are its identity; no effect at test time.
     """
 
     def __init__(
@@ -270,6 +290,7 @@ class SSTN(nn.Module):
         block_norm: bool = False,
         center: bool = False,
         center_momentum: float = 0.1,
+        memory: int = 0,
     ) -> None:
         super().__init__()
         if topk < 1:
@@ -300,6 +321,9 @@ class SSTN(nn.Module):
         if center:  # per-modality mean of the shared affinity embedding, tracked like BatchNorm's running mean
             width = affinity_dim if affinity_dim > 0 else dim
             self.register_buffer("modality_mean", torch.zeros(num_modalities, width))
+        if memory < 0:
+            raise UserError(f"model.sstn.memory must be >= 0, got {memory}")
+        self.memory = CandidateMemory(memory, dim, use_specific) if memory > 0 else None
         if cross_k == 0:
             self.blocks = (_Block("all", 0, topk),)
         else:
@@ -388,13 +412,39 @@ class SSTN(nn.Module):
     # ------------------------------------------------------------------ training
 
     def forward(
-        self, shared: torch.Tensor, specific: torch.Tensor | None, modality: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, Graph]:
-        """The mini-batch graph. Returns (fused ``[N, D']`` before the neck, after the neck, graph)."""
-        nodes = self.nodes(shared, specific, modality)
-        graph = self.graph(self.similarity(nodes, nodes), modality.unsqueeze(1) == modality.unsqueeze(0))
-        fused = self.fuse(nodes.x, propagate(graph, nodes.x))
-        return fused, self.neck(fused), graph
+        self,
+        shared: torch.Tensor,
+        specific: torch.Tensor | None,
+        modality: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> BatchTransfer:
+        """The mini-batch graph over ``[N, C]`` features (``labels [N]`` only feed the statistics).
+
+        With a candidate memory (training only) the graph's columns are the batch's N nodes then the
+        memory's F stored samples (their affinity embeddings recomputed with the current weights), and
+        this batch is then pushed into the memory.
+        """
+        rows = shared.shape[0]
+        specific = specific if self.use_specific else None
+        remembered = self.memory.entries() if self.memory is not None and self.training else None
+        if remembered is not None and remembered[0].shape[0] > 0:
+            mem_shared, mem_specific, mem_modality, mem_labels = remembered
+            cols = self.nodes(
+                torch.cat([shared, mem_shared.to(shared.dtype)]),
+                None if specific is None else torch.cat([specific, mem_specific.to(specific.dtype)]),
+                torch.cat([modality, mem_modality]),
+            )
+            nodes = _slice(cols, 0, rows)
+            col_labels = None if labels is None else torch.cat([labels, mem_labels])
+        else:
+            nodes = cols = self.nodes(shared, specific, modality)
+            col_labels = labels
+        same = modality.unsqueeze(1) == cols.modality.unsqueeze(0)
+        graph = self.graph(self.similarity(nodes, cols), same)
+        fused = self.fuse(nodes.x, propagate(graph, cols.x))
+        if remembered is not None:
+            self.memory.push(shared, specific, modality, labels)
+        return BatchTransfer(fused, self.neck(fused), graph, cols.modality, col_labels)
 
     # ------------------------------------------------------------------ test time
 

@@ -1,0 +1,61 @@
+"""Earlier batches' samples as extra candidates of the SSTN's training graph.
+
+A training batch of P identities x K images per modality offers each node other-modality candidates
+of which about 1 / P are its identity (25 % at the demo's P = 4); a test graph offers 1 / (number of
+test identities) (4 % on the demo's 24). A graph trained where a kept neighbour is usually right
+meets one at test time where it usually is not. Adding the last ``size`` samples of earlier batches
+as candidates (columns that send messages but receive none) makes training graphs look like test
+graphs: more candidates, few of them the right identity.
+
+Stored per slot (``size`` slots, a FIFO ring; detached, so no gradient reaches earlier batches):
+
+    shared, specific  [size, C]  BN-neck features as the SSTN received them (``specific`` only with
+                                 a specific branch)
+    modality, labels  [size]     long; labels only feed the logged graph statistics
+
+All of it is registered as buffers, so a checkpoint resumes with the memory it had.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CandidateMemory(nn.Module):
+    """A FIFO ring of the last ``size`` samples the SSTN saw in training."""
+
+    def __init__(self, size: int, dim: int, use_specific: bool) -> None:
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"memory size must be >= 1, got {size}")
+        self.size = size
+        self.register_buffer("shared", torch.zeros(size, dim))
+        self.register_buffer("specific", torch.zeros(size, dim) if use_specific else None)
+        self.register_buffer("modality", torch.zeros(size, dtype=torch.long))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))  # slots holding a sample
+        self.register_buffer("cursor", torch.zeros((), dtype=torch.long))  # next slot to overwrite
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(shared [F, C], specific [F, C] | None, modality [F], labels [F])`` of the F filled slots."""
+        count = int(self.filled)
+        specific = None if self.specific is None else self.specific[:count]
+        return self.shared[:count], specific, self.modality[:count], self.labels[:count]
+
+    @torch.no_grad()
+    def push(
+        self, shared: torch.Tensor, specific: torch.Tensor | None, modality: torch.Tensor, labels: torch.Tensor | None
+    ) -> None:
+        """Store a batch (``[B, C]``, ``[B, C]``, ``[B]``, ``[B]``), overwriting the oldest slots; a batch
+        larger than the memory keeps its last ``size`` samples."""
+        rows = shared.shape[0]
+        start = max(0, rows - self.size)
+        slots = (int(self.cursor) + torch.arange(rows - start, device=self.shared.device)) % self.size
+        self.shared[slots] = shared[start:].detach().to(self.shared.dtype)
+        if self.specific is not None and specific is not None:
+            self.specific[slots] = specific[start:].detach().to(self.specific.dtype)
+        self.modality[slots] = modality[start:]
+        self.labels[slots] = labels[start:] if labels is not None else -1
+        self.cursor.fill_((int(self.cursor) + rows - start) % self.size)
+        self.filled.fill_(min(self.size, int(self.filled) + rows - start))
