@@ -156,6 +156,9 @@ class TrainConfig:
     deterministic: bool = False
     channels_last: bool = True  # CUDA only: NHWC activations for faster convolutions
     compile: bool = False  # wrap the model in torch.compile
+    # fused optimizer kernels (torch's fused=True): "auto" uses them on CUDA only. A fused optimizer also skips a
+    # non-finite step on the device, so losses are read back only every log_every steps (no per-step sync)
+    fused_optimizer: Literal["auto", "on", "off"] = "auto"
     log_every: int = 20  # iterations between scalar logs (TensorBoard, metrics.jsonl, log.txt)
     # last.pth (weights, optimizer, RNG: everything --resume needs) is written at the end, on SIGINT/SIGTERM,
     # and when either rule below is due; 0 turns a rule off
