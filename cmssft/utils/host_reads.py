@@ -20,14 +20,18 @@ READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
 
 
 @contextmanager
-def count_host_reads(where: Callable[[], str | None] = lambda: None) -> Iterator[Counter]:
-    """Yield a Counter of reads by ``where()`` (e.g. the trainer's current phase; None: "other")."""
+def count_host_reads(
+    where: Callable[[], str | None] = lambda: None, device_type: str | None = None
+) -> Iterator[Counter]:
+    """Yield a Counter of reads by ``where()`` (e.g. the trainer's current phase; None: "other");
+    ``device_type`` (e.g. "cuda"): count reads of tensors on that kind of device only."""
     counts: Counter = Counter()
     originals = {name: getattr(torch.Tensor, name) for name in READS}
 
     def counted(real: Callable) -> Callable:
         def read(self: torch.Tensor, *args, **kwargs):
-            counts[where() or "other"] += 1
+            if device_type is None or self.device.type == device_type:
+                counts[where() or "other"] += 1
             return real(self, *args, **kwargs)
 
         return read
