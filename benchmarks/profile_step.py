@@ -85,15 +85,20 @@ def profiled_pass(trainer: Trainer, batches: Iterator, steps: int, trace: str | 
     if trace:
         prof.export_chrome_trace(trace)
     host_us: dict[str, float] = defaultdict(float)
+    span_us: dict[str, float] = defaultdict(float)  # a range's extent on the GPU timeline (CUDA)
     kernel_us = 0.0
     for event in prof.events():
-        if event.name in PHASES and event.device_type == torch.autograd.DeviceType.CPU:
-            host_us[event.name] += event.cpu_time_total
-        elif event.device_type == torch.autograd.DeviceType.CUDA:
-            kernel_us += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+        if event.device_type == torch.autograd.DeviceType.CPU:
+            if event.name in PHASES:
+                host_us[event.name] += event.cpu_time_total
+        elif getattr(event, "is_user_annotation", False) or event.name in PHASES:
+            span_us[event.name] += event.device_time_total
+        else:  # kernels, copies, memsets
+            kernel_us += event.device_time_total
     return {
         "step_ms": 1e3 * wall / steps,
         "host_ms": {k: v / 1e3 / steps for k, v in host_us.items()},
+        "device_span_ms": {k: v / 1e3 / steps for k, v in span_us.items()} if cuda else None,
         "kernel_ms": kernel_us / 1e3 / steps if cuda else None,
         "host_reads": {k: v / steps for k, v in reads.items()},
         "cuda_syncs": {k: v / steps for k, v in syncs.items()} if cuda else None,
@@ -190,6 +195,8 @@ def print_table(result: dict) -> None:
     if cuda:
         busy = profiled["kernel_ms"] / profiled["step_ms"]
         print(f"device kernel time {profiled['kernel_ms']:.2f} ms per step ({busy:.0%} of the free-running step)")
+        spans = ", ".join(f"{k} {v:.2f}" for k, v in profiled["device_span_ms"].items())
+        print(f"phase extents on the GPU timeline, ms per step: {spans or 'none reported'}")
 
 
 def main() -> None:

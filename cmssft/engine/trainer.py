@@ -13,7 +13,8 @@ processes (skip a non-finite step, stop on a signal) are agreed by all-reduce,
 and only rank 0 logs, evaluates and writes files while the others wait.
 
 Host synchronisation: with a fused optimizer (``train.fused_optimizer``, on by default on CUDA)
-a step never reads a value back to the host. Finiteness is checked on the device, a non-finite
+the loop reads nothing back to the host between log steps (the model's forward may; see
+docs/BENCHMARKS.md). Finiteness is checked on the device, a non-finite
 step is skipped by the optimizer kernel itself (``found_inf``), and each step's numbers wait on
 the device (:class:`PendingStep`) until the next log step reads them all back in one copy; the
 skip warnings and the stop after ``MAX_BAD_STEPS`` non-finite steps in a row then come at that
