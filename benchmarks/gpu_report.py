@@ -5,8 +5,9 @@
         [--budget-s 450] [--set key=value ...]
     python benchmarks/gpu_report.py --device cpu --tiny      # smoke run: 64x32, resnet18, seconds
 
-On one GPU, for the full cm-SSFT model and the shared-only baseline (benchmarks/train_speed.py
-BASELINE), in fp32 and in bf16 + channels-last, without and with ``torch.compile``, it measures:
+On one GPU, for the full cm-SSFT model and the shared-only baseline (benchmarks/train_speed.py: its
+``configs/demo.yaml``-based config at the given size, batch and backbone, and its BASELINE overrides),
+in fp32 and in bf16 + channels-last, without and with ``torch.compile``, it measures:
 
 - images/s of the real training loop (``Trainer.run_step``: loader, copy, augmentation, step,
   log-step read-backs) on a synthetic SYSU-MM01 tree generated at the training size;
