@@ -7,8 +7,9 @@
 Builds the real Trainer (``build_trainer``: model, criterion, optimizer, loader) from
 ``configs/demo.yaml`` on a synthetic SYSU-MM01 tree (generated in a temporary folder, or ``--root``),
 once as configured (full method) and once with the ``configs/ablation/baseline.yaml`` model settings,
-and times ``Trainer.train_step`` over the loader's batches after ``--warmup`` steps (data loading
-included). Prints one JSON line per model. GPU example (the paper's size):
+and times ``Trainer.run_step`` over the loader's batches after ``--warmup`` steps (data loading and
+the log-step read-backs included). Prints one JSON line per model. ``--set data.augment_on=device``
+augments on the device; ``train.fused_optimizer`` defaults to fused kernels on CUDA. GPU example (the paper's size):
 
     python benchmarks/train_speed.py --device cuda --height 288 --width 144 --backbone resnet50 \\
         --ids-per-batch 8 --images-per-id 4 --steps 30 --warmup 5 --amp bf16 --channels-last --workers 4
@@ -24,6 +25,11 @@ from pathlib import Path
 
 import torch
 
+from cmssft.config import Config, load_config
+from cmssft.engine.build import build_trainer, prepare_dataset
+from cmssft.engine.trainer import Trainer
+from cmssft.utils.runtime import resolve_device
+
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = [
     "model.use_specific=false",
@@ -34,37 +40,54 @@ BASELINE = [
 ]
 
 
-def measure(args: argparse.Namespace, root: Path, run_dir: Path, extra: list[str]) -> dict:
-    from cmssft.config import load_config
-    from cmssft.engine.build import build_trainer, prepare_dataset
-    from cmssft.utils.runtime import resolve_device
+def bench_config(args: argparse.Namespace, root: Path, extra: list[str], iters: int) -> Config:
+    """``configs/demo.yaml`` with the benchmark's size, batch, backbone, device and speed switches.
 
+    ``args`` needs: height, width, ids_per_batch, images_per_id, workers, backbone, device, amp,
+    channels_last, compile, set (extra overrides for every model).
+    """
     overrides = [
         f"data.root={root}", "data.synthetic.enabled=false", f"data.height={args.height}", f"data.width={args.width}",
         f"data.ids_per_batch={args.ids_per_batch}", f"data.images_per_id={args.images_per_id}",
         f"data.num_workers={args.workers}", f"model.backbone={args.backbone}", f"train.device={args.device}",
-        f"train.iters_per_epoch={args.warmup + args.steps}", "train.eval_every=0", f"train.amp='{args.amp}'",
+        f"train.iters_per_epoch={iters}", "train.eval_every=0", f"train.amp='{args.amp}'",
         f"train.channels_last={str(args.channels_last).lower()}", f"train.compile={str(args.compile).lower()}",
-        *args.set, *extra,
+        "train.log_every=20", *args.set, *extra,
     ]
-    cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
+    return load_config(REPO / "configs" / "demo.yaml", overrides)
+
+
+def build_bench_trainer(cfg: Config, run_dir: Path) -> Trainer:
+    """The real Trainer (model, criterion, optimizer, loader) in training mode at epoch 0."""
     device = resolve_device(cfg.train.device)
     torch.manual_seed(0)
     trainer = build_trainer(cfg, prepare_dataset(cfg), device, run_dir)
     trainer.model.train()
     trainer.loader.batch_sampler.set_epoch(0)
+    return trainer
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(args: argparse.Namespace, root: Path, run_dir: Path, extra: list[str]) -> dict:
+    cfg = bench_config(args, root, extra, args.warmup + args.steps)
+    trainer = build_bench_trainer(cfg, run_dir)
+    device = trainer.device
     batches = iter(trainer.loader)
     for _ in range(args.warmup):
-        trainer.train_step(next(batches))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+        trainer.run_step(next(batches))
+    synchronize(device)
     start = time.perf_counter()
     images = 0
     for _ in range(args.steps):
         batch = next(batches)
-        trainer.train_step(batch)
+        trainer.run_step(batch)  # with its read-backs at log steps (train.log_every=20)
         images += len(batch["image"])
-    sync()
+    trainer.read_back()
+    synchronize(device)
     seconds = time.perf_counter() - start
     record = {
         "benchmark": "train_speed", "model": "baseline" if extra else "full", "device": str(device),
@@ -73,6 +96,7 @@ def measure(args: argparse.Namespace, root: Path, run_dir: Path, extra: list[str
         "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 1),
         "amp": cfg.train.amp if device.type == "cuda" else "off",
         "channels_last": trainer.channels_last, "compile": cfg.train.compile, "workers": cfg.data.num_workers,
+        "augment_on": cfg.data.augment_on, "fused_optimizer": trainer.fused,
     }
     if device.type == "cuda":
         record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)

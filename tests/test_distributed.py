@@ -190,6 +190,14 @@ def test_global_batch_sstn_is_one_graph_over_both_shards(tmp_path, sysu_root):
     assert_same_first_step(run_dir, sysu_root, "model.sstn.global_batch=true")
 
 
+def test_fused_step_without_per_step_reads_under_torchrun(tmp_path, sysu_root):
+    """train.fused_optimizer=on: the skip flag is all-reduced on the device and the numbers read back
+    at the log step are still the means over processes."""
+    run_dir = tmp_path / "fused"
+    torchrun(run_dir, sysu_root, "train.fused_optimizer=on")
+    assert_same_first_step(run_dir, sysu_root)
+
+
 # ---------------------------------------------------------------------------- single-process parts
 
 

@@ -1,8 +1,9 @@
 """Torch datasets and data loaders over :class:`Sample` lists.
 
-A loaded item is a dict: ``image`` float [3, H, W], ``label``, ``pid``,
-``camid``, ``modality`` (ints) and ``index`` (position in the sample list);
-collated batches carry the same keys with a leading batch dimension. Training
+A loaded item is a dict: ``image`` float [3, H, W] (training items with
+``data.augment_on=device``: uint8 [H, W, 3], resized, not augmented), ``label``,
+``pid``, ``camid``, ``modality`` (ints) and ``index`` (position in the sample
+list); collated batches carry the same keys with a leading batch dimension. Training
 items are fetched by ``(index, seed)`` keys so that each augmentation is fixed
 by its seed (see :class:`KeyedBatchSampler`).
 """

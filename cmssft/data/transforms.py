@@ -2,8 +2,10 @@
 
 Images are read with OpenCV, resized once, and augmented as tensors. IR images
 become 3-channel (gray replicated) so both modalities share one input format.
-Output of every transform: float Tensor [3, H, W], normalised with ImageNet
-statistics.
+Output of the train and eval transforms: float Tensor [3, H, W], normalised with
+ImageNet statistics. With ``data.augment_on=device`` the loader uses
+:class:`ResizeTransform` instead (uint8 [H, W, 3]) and the training device
+augments whole batches (:mod:`cmssft.data.batch_augment`, same parameters).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from cmssft.errors import DatasetError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, the gray of channel augmentation
+ERASE_AREA = (0.02, 0.33)  # random erasing: share of the image area, drawn uniformly
+ERASE_RATIO = (0.3, 3.3)  # random erasing: height/width aspect ratio, drawn log-uniformly
+ERASE_ATTEMPTS = 10  # draws of (area, ratio) until the rectangle fits; none fits: no erasing
 
 
 def read_image(path: str, modality: Modality) -> np.ndarray:
@@ -86,19 +92,19 @@ def channel_augment(tensor: torch.Tensor, generator: torch.Generator) -> torch.T
     choice = int(torch.randint(0, 4, (1,), generator=generator))
     if choice < 3:
         return tensor[choice : choice + 1].expand(3, -1, -1).clone()
-    gray = 0.299 * tensor[0] + 0.587 * tensor[1] + 0.114 * tensor[2]
+    gray = GRAY_WEIGHTS[0] * tensor[0] + GRAY_WEIGHTS[1] * tensor[1] + GRAY_WEIGHTS[2] * tensor[2]
     return gray.unsqueeze(0).expand(3, -1, -1).clone()
 
 
 def random_erase(
     tensor: torch.Tensor,
     generator: torch.Generator,
-    area: tuple[float, float] = (0.02, 0.33),
-    ratio: tuple[float, float] = (0.3, 3.3),
+    area: tuple[float, float] = ERASE_AREA,
+    ratio: tuple[float, float] = ERASE_RATIO,
 ) -> torch.Tensor:
     """Zero a random rectangle (random erasing), simulating occlusion."""
     _, height, width = tensor.shape
-    for _ in range(10):
+    for _ in range(ERASE_ATTEMPTS):
         target = height * width * (area[0] + (area[1] - area[0]) * _uniform(generator))
         log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _uniform(generator)
         h = int(round(math.sqrt(target * math.exp(log_r))))
@@ -156,7 +162,23 @@ class EvalTransform:
         return normalize(to_tensor(resize(image, self.height, self.width)))
 
 
-def build_train_transform(cfg: DataConfig) -> TrainTransform:
+class ResizeTransform:
+    """Resize only, pixels kept uint8: what a loader worker does when the device augments
+    (``data.augment_on=device``); 4x fewer bytes per image to pin and copy than float."""
+
+    def __init__(self, height: int, width: int) -> None:
+        self.height, self.width = height, width
+
+    def __call__(self, image: np.ndarray, modality: Modality, generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 [H, W, 3] -> uint8 Tensor [height, width, 3] (RGB order, IR gray replicated)."""
+        return torch.from_numpy(np.ascontiguousarray(resize(image, self.height, self.width)))
+
+
+def build_train_transform(cfg: DataConfig) -> TrainTransform | ResizeTransform:
+    """The loader's training transform: the whole augmentation (``data.augment_on=cpu``) or,
+    when the device augments the batch, the resize alone."""
+    if cfg.augment_on == "device":
+        return ResizeTransform(cfg.height, cfg.width)
     return TrainTransform(
         cfg.height,
         cfg.width,

@@ -20,7 +20,7 @@ from cmssft.data.records import CrossModalDataset
 from cmssft.engine.distributed import DistContext
 from cmssft.engine.evaluate import build_evaluators
 from cmssft.engine.metrics_log import MetricsLogger
-from cmssft.engine.optim import build_optimizer, build_scheduler
+from cmssft.engine.optim import build_optimizer, build_scheduler, use_fused
 from cmssft.engine.trainer import Trainer, uses_channels_last
 
 LOG = logging.getLogger("cmssft")
@@ -79,7 +79,7 @@ def build_trainer(
         )
     )
     iters = dist.min(len(loader))  # shards differ by one batch when world_size does not divide the epoch
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, fused=use_fused(cfg.train, device))
     scheduler = build_scheduler(optimizer, cfg.train, iters)
     metrics = MetricsLogger(run_dir) if dist.is_main else None
     evaluators, select_on = build_evaluators(cfg, dataset, device, metrics, run_dir) if dist.is_main else ({}, None)

@@ -66,6 +66,16 @@ class DistContext:
         """True on every process when it is true on one of them."""
         return self.max(int(flag)) > 0
 
+    def any_on_device(self, flag: torch.Tensor) -> torch.Tensor:
+        """A bool scalar or-ed over processes, as float 0/1 on ``flag``'s device; no host sync
+        (the all-reduce is queued on the device with NCCL)."""
+        value = flag.reshape(1).float()
+        if self.enabled:
+            moved = value.to(self._comm_device())
+            dist.all_reduce(moved, op=dist.ReduceOp.MAX)
+            value = moved.to(flag.device)
+        return value.reshape(())
+
     def max(self, value: int) -> int:
         """The largest ``value`` over processes (e.g. a signal number, 0 for none)."""
         return int(self._reduce(torch.tensor([float(value)], dtype=torch.float64), dist.ReduceOp.MAX)[0])

@@ -21,11 +21,49 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "name": "all"}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def use_fused(cfg: TrainConfig, device: torch.device) -> bool:
+    """``train.fused_optimizer``: ``auto`` fuses on CUDA only, so the CPU default stays the plain loop."""
+    return cfg.fused_optimizer == "on" or (cfg.fused_optimizer == "auto" and device.type == "cuda")
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or Adam over :func:`parameter_groups`; ``fused``: one kernel per step for all
+    parameters, which also lets a non-finite step be skipped on the device (``found_inf``)."""
     groups = parameter_groups(model, cfg)
+    options = {"fused": True} if fused else {}  # unfused: torch's default (foreach on CUDA)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True, **options
+        )
+        if fused:
+            zero_momentum_buffers(optimizer)
+        return optimizer
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
+
+
+def zero_momentum_buffers(optimizer: torch.optim.SGD) -> None:
+    """Start every momentum buffer at zero (the same first step: buffer = gradient).
+
+    Fused SGD creates a buffer on its first step even when ``found_inf`` skips that step, and
+    leaves it uninitialised (torch 2.14); a zero buffer makes a skipped first step harmless.
+    """
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for param in group["params"]:
+            optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` honours a ``found_inf`` tensor (fused kernels), so a step can be
+    skipped without reading the loss back to the host."""
+    return all(group.get("fused") for group in optimizer.param_groups)
+
+
+def set_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """Keep this run's kernel choice after ``load_state_dict``, which copies the saved groups' flags."""
+    for group in optimizer.param_groups:
+        group["fused"] = True if fused else None
 
 
 def lr_factor(epoch_progress: float, cfg: TrainConfig) -> float:

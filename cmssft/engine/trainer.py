@@ -11,6 +11,16 @@ Under ``torchrun`` every process runs this loop on its own shard of the batches
 through the DDP-wrapped ``train_model``; decisions that must not differ between
 processes (skip a non-finite step, stop on a signal) are agreed by all-reduce,
 and only rank 0 logs, evaluates and writes files while the others wait.
+
+Host synchronisation: with a fused optimizer (``train.fused_optimizer``, on by default on CUDA)
+the loop reads nothing back to the host between log steps (the model's forward may; see
+docs/BENCHMARKS.md). Finiteness is checked on the device, a non-finite
+step is skipped by the optimizer kernel itself (``found_inf``), and each step's numbers wait on
+the device (:class:`PendingStep`) until the next log step reads them all back in one copy; the
+skip warnings and the stop after ``MAX_BAD_STEPS`` non-finite steps in a row then come at that
+log step. Otherwise (the CPU default) each step reads its loss back and decides there.
+The step's parts are ``torch.profiler`` ranges (``h2d``, ``augment``, ``forward``,
+``finite_check``, ``backward``, ``optimizer``, ``read_back``; see benchmarks/profile_step.py).
 """
 
 from __future__ import annotations
@@ -21,19 +31,24 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cmssft.config import Config, config_to_dict
+from cmssft.data.batch_augment import build_batch_augment
 from cmssft.engine.checkpoint import BEST, LAST, save_atomic
 from cmssft.engine.distributed import DistContext
 from cmssft.engine.metrics_log import MetricsLogger
+from cmssft.engine.optim import set_fused, skips_on_device
 from cmssft.engine.run_dir import FILE_ONLY
 from cmssft.engine.signals import StopSignals, TrainingInterrupted
 from cmssft.errors import UserError
@@ -44,6 +59,8 @@ LOG = logging.getLogger("cmssft")
 # An evaluation: model -> {"rank1": .., "mAP": .., ...} (fractions), plus optional pictures.
 EvaluateFn = Callable[[nn.Module, int], dict[str, float]]
 MAX_BAD_STEPS = 10
+# What a step read back at once: the loss terms (None: the step was skipped) and the gradient norm.
+StepResult = tuple[dict[str, float] | None, float]
 
 
 def uses_channels_last(cfg: Config, device: torch.device) -> bool:
@@ -57,6 +74,31 @@ class TrainingDiverged(UserError):
 
 class CheckpointWriteError(UserError):
     """A checkpoint could not be written (disk full, permissions); the previous one is untouched."""
+
+
+class DeviceBatch(NamedTuple):
+    """A batch ready for the step: images float ``[B, 3, H, W]`` (augmented, in the step's memory
+    format), labels and modality long ``[B]``, all on the training device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    modality: torch.Tensor
+
+
+@dataclass
+class PendingStep:
+    """A step whose numbers are still on the device (read back at the next log step).
+
+    ``values`` float64 ``[1 + T + 1 + S]``: skipped (1: the loss was non-finite on some process
+    and the optimizer left everything unchanged), the ``terms``, the gradient norm, the
+    ``stats``; ``host_stats`` are statistics the model already computed on the host.
+    """
+
+    step: int
+    terms: tuple[str, ...]
+    stats: tuple[str, ...]
+    values: torch.Tensor
+    host_stats: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,6 +155,12 @@ class Trainer:
         amp = cfg.train.amp if device.type == "cuda" else "off"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self.fused = skips_on_device(optimizer)
+        self.defer_sync = self.fused and amp != "fp16"  # fp16's GradScaler decides skips itself, on the host
+        self.pending: list[PendingStep] = []
+        self.augment = build_batch_augment(cfg.data) if cfg.data.augment_on == "device" else None
+        self.augment_generator = torch.Generator(device=device) if self.augment is not None else None
+        self.current_phase: str | None = None
         self.bad_steps = 0
         self.latest_stats: dict[str, float] = {}
         self.signals = StopSignals()
@@ -136,6 +184,7 @@ class Trainer:
     def restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        set_fused(self.optimizer, self.fused)  # the checkpoint may come from a run with the other kernels
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["train_state"])
@@ -217,56 +266,174 @@ class Trainer:
         self.loader.batch_sampler.set_epoch(self.state.epoch, skip=self.state.batch)
         # Every process takes the same number of steps, or DDP's collectives would wait forever.
         for batch in itertools.islice(self.loader, self.iters_per_epoch - self.state.batch):
-            terms, grad_norm = self.train_step(batch)
-            self.state.step += 1
-            self.state.batch += 1
-            bar.update(1)
-            if terms is not None:
-                bar.set_postfix(epoch=self.state.epoch + 1, loss=f"{terms['total']:.3f}", refresh=False)
-                total, steps = self._epoch_loss
-                self._epoch_loss = (total + terms["total"], steps + 1)
-                if self.state.step % self.cfg.train.log_every == 0 or self.state.step == 1:
-                    self.log_step(terms, grad_norm)
+            self.run_step(batch, bar)
             if self.state.batch < self.iters_per_epoch:  # at the epoch's end, end_of_epoch saves first
                 self.stop_if_signalled()
                 if self.dist.is_main and self.checkpoint_due():
                     self.save(LAST)
+        self.read_back(bar)  # the epoch's last steps, before its summary line
 
-    def train_step(self, batch: dict) -> tuple[dict[str, float] | None, float]:
-        """One optimizer step; returns the loss terms, or None when the step was skipped."""
-        images = batch["image"].to(self.device, non_blocking=True)
-        labels = batch["label"].to(self.device, non_blocking=True)
-        modality = batch["modality"].to(self.device, non_blocking=True)
+    def run_step(self, batch: dict | DeviceBatch, bar: tqdm | None = None) -> None:
+        """One step of the loop: train on ``batch``, count it, and log it when a log step is due."""
+        result = self.train_step(batch)
+        self.state.step += 1
+        self.state.batch += 1
+        if bar is not None:
+            bar.update(1)
+        if isinstance(result, PendingStep):
+            self.pending.append(result)
+            if self.log_due(self.state.step):
+                self.read_back(bar)
+        else:
+            self.record(*result, step=self.state.step, bar=bar)
+
+    def log_due(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == 1
+
+    def record(self, terms: dict[str, float] | None, grad_norm: float, *, step: int, bar: tqdm | None) -> None:
+        """Count a step's read-back numbers into the epoch's loss, and log them on a log step."""
+        if terms is None:
+            return
+        if bar is not None:
+            bar.set_postfix(epoch=self.state.epoch + 1, loss=f"{terms['total']:.3f}", refresh=False)
+        total, steps = self._epoch_loss
+        self._epoch_loss = (total + terms["total"], steps + 1)
+        if self.log_due(step):
+            self.log_step(terms, grad_norm, step)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """A named part of the step: a ``torch.profiler`` range (free when nothing profiles)."""
+        self.current_phase = name
+        try:
+            with torch.profiler.record_function(name):
+                yield
+        finally:
+            self.current_phase = None
+
+    def to_device(self, batch: dict) -> DeviceBatch:
+        """A loader batch on the training device, augmented there when ``data.augment_on=device``."""
+        with self.phase("h2d"):
+            images = batch["image"].to(self.device, non_blocking=True)
+            labels = batch["label"].to(self.device, non_blocking=True)
+            modality = batch["modality"].to(self.device, non_blocking=True)
+        if self.augment is not None:
+            with self.phase("augment"):
+                self.augment_generator.manual_seed(self.augment_seed())
+                images = self.augment(images, modality, self.augment_generator)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)):
-            out = self.train_model(images, modality, labels)
-            terms = self.criterion(out, labels, modality)
-        total = terms["total"]
+        elif self.augment is not None:
+            images = images.contiguous()
+        return DeviceBatch(images, labels, modality)
+
+    def augment_seed(self) -> int:
+        """The device augmentation's seed for the coming step: a function of (seed, step, rank) only,
+        so a resumed run draws what an uninterrupted one would."""
+        key = [self.cfg.seed, self.state.step, self.dist.rank]
+        return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+    def train_step(self, batch: dict | DeviceBatch) -> StepResult | PendingStep:
+        """One optimizer step on a loader batch (or a :class:`DeviceBatch`, used as it is).
+
+        Returns the read-back loss terms and gradient norm (terms None: the step was skipped) or,
+        when the optimizer skips on the device (:attr:`defer_sync`), a :class:`PendingStep`.
+        """
+        images, labels, modality = batch if isinstance(batch, DeviceBatch) else self.to_device(batch)
+        with self.phase("forward"):
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)
+            ):
+                out = self.train_model(images, modality, labels)
+                terms = self.criterion(out, labels, modality)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.dist.any(not bool(torch.isfinite(total))):  # all processes skip together
-            self.skip_step(terms)
+        if self.defer_sync:
+            return self._step_on_device(out, terms)
+        return self._step_checked(out, terms)
+
+    def _step_checked(self, out: dict, terms: dict[str, torch.Tensor]) -> StepResult:
+        """Read the loss back, skip the step on the host when it is non-finite, else update."""
+        total = terms["total"]
+        with self.phase("finite_check"):
+            skip = self.dist.any(not bool(torch.isfinite(total)))  # all processes skip together
+        if skip:
+            self.skip_step(self.state.step + 1, [k for k, v in terms.items() if not torch.isfinite(v)])
             with warnings.catch_warnings():  # the schedule advances on purpose: a skipped step still counts
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 self.scheduler.step()
             return None, float("nan")
         self.bad_steps = 0
-        self.scaler.scale(total).backward()
-        self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.latest_stats = self.dist.mean({k: float(v) for k, v in out.get("stats", {}).items()})
-        return self.dist.mean({k: float(v.detach()) for k, v in terms.items()}), grad_norm
+        with self.phase("backward"):
+            self.scaler.scale(total).backward()
+        with self.phase("optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+        with self.phase("read_back"):
+            self.latest_stats = self.dist.mean({k: float(v) for k, v in out.get("stats", {}).items()})
+            return self.dist.mean({k: float(v.detach()) for k, v in terms.items()}), grad_norm
 
-    def skip_step(self, terms: dict[str, torch.Tensor]) -> None:
+    def _step_on_device(self, out: dict, terms: dict[str, torch.Tensor]) -> PendingStep:
+        """Update without reading anything back: a non-finite loss (on any process) makes the fused
+        optimizer leave parameters and state unchanged; the numbers stay on the device."""
+        total = terms["total"]
+        skipped = self.dist.any_on_device(~torch.isfinite(total))
+        with self.phase("backward"):
+            total.backward()
+        with self.phase("optimizer"):
+            clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.optimizer.found_inf = skipped
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            self.scheduler.step()
+            stats = out.get("stats", {})
+            on_device = {k: v for k, v in stats.items() if v.device == total.device}
+            host = {k: float(v) for k, v in stats.items() if k not in on_device}  # already host values
+            scalars = [skipped, *terms.values(), grad_norm, *on_device.values()]
+            values = torch.stack([v.detach().reshape(()).double() for v in scalars])
+        return PendingStep(self.state.step + 1, tuple(terms), tuple(on_device), values, host)
+
+    def read_back(self, bar: tqdm | None = None) -> None:
+        """Resolve the pending steps with one device-to-host copy, in order: warn about each skipped
+        step (stopping after ``MAX_BAD_STEPS`` in a row), add the others to the epoch's loss and
+        log the log step. Every process calls this at the same steps (it may all-reduce)."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        with self.phase("read_back"):
+            flat = torch.cat([p.values for p in pending]).tolist()
+        start, epoch_total, counted, last_total = 0, 0.0, 0, None
+        for p in pending:
+            row, start = flat[start : start + len(p.values)], start + len(p.values)
+            terms = dict(zip(p.terms, row[1 : 1 + len(p.terms)], strict=True))
+            if row[0]:
+                self.skip_step(p.step, [k for k, v in terms.items() if not math.isfinite(v)])
+                continue
+            self.bad_steps = 0
+            epoch_total, counted, last_total = epoch_total + terms["total"], counted + 1, terms["total"]
+            if self.log_due(p.step):
+                stats = {**dict(zip(p.stats, row[2 + len(p.terms) :], strict=True)), **p.host_stats}
+                self.latest_stats = self.dist.mean(stats)
+                self.log_step(self.dist.mean(terms), row[1 + len(p.terms)], p.step)
+        total, steps = self._epoch_loss
+        self._epoch_loss = (total + self.dist.mean({"total": epoch_total})["total"], steps + counted)
+        if bar is not None and last_total is not None:
+            bar.set_postfix(epoch=self.state.epoch + 1, loss=f"{last_total:.3f}", refresh=False)
+
+    def skip_step(self, step: int, bad_terms: list[str]) -> None:
+        """Count a skipped step (``bad_terms``: this process's non-finite terms); stop after
+        ``MAX_BAD_STEPS`` in a row."""
         self.bad_steps += 1
-        bad = ", ".join(k for k, v in terms.items() if not torch.isfinite(v)) or "on another process"
-        LOG.warning("step %d: non-finite loss (%s); step skipped", self.state.step + 1, bad)
+        bad = ", ".join(bad_terms) or "on another process"
+        LOG.warning("step %d: non-finite loss (%s); step skipped", step, bad)
         if self.metrics is not None:
-            self.metrics.scalars({"train/skipped_steps": self.bad_steps}, self.state.step + 1)
+            self.metrics.scalars({"train/skipped_steps": self.bad_steps}, step)
         if self.bad_steps >= MAX_BAD_STEPS:
             raise TrainingDiverged(
                 f"the loss was non-finite for {MAX_BAD_STEPS} steps in a row; stopped. "
@@ -277,11 +444,12 @@ class Trainer:
         """Stop when any process got SIGINT/SIGTERM; all stop after the same step and rank 0 saves."""
         signum = self.dist.max(self.signals.signum or 0)
         if signum:
+            self.read_back()
             path = self.save(LAST) if self.dist.is_main else self.run_dir / LAST
             self.dist.barrier()
             raise TrainingInterrupted(signum, str(path))
 
-    def log_step(self, terms: dict[str, float], grad_norm: float) -> None:
+    def log_step(self, terms: dict[str, float], grad_norm: float, step: int) -> None:
         if self.metrics is None:
             return
         values = {f"loss/{k}": v for k, v in terms.items()}
@@ -289,9 +457,9 @@ class Trainer:
         for i, group in enumerate(self.optimizer.param_groups):
             values[f"lr/{group.get('name', i)}"] = group["lr"]
         values.update({f"model/{k}": v for k, v in self.latest_stats.items()})
-        self.metrics.scalars(values, self.state.step, epoch=self.state.epoch + 1)
+        self.metrics.scalars(values, step, epoch=self.state.epoch + 1)
         losses = "  ".join(f"{k} {terms[k]:.4f}" for k in sorted(terms, key=lambda k: k != "total"))  # total first
-        LOG.info("epoch %d step %d: %s  grad_norm %.3f", self.state.epoch + 1, self.state.step, losses, grad_norm,
+        LOG.info("epoch %d step %d: %s  grad_norm %.3f", self.state.epoch + 1, step, losses, grad_norm,
                  extra=FILE_ONLY)
 
     # ------------------------------------------------------------------ evaluation and selection
