@@ -68,6 +68,12 @@ def uses_channels_last(cfg: Config, device: torch.device) -> bool:
     return cfg.train.channels_last and device.type == "cuda"
 
 
+def finite(stats: dict[str, float]) -> dict[str, float]:
+    """The statistics that were counted (a model statistic is nan when there was nothing to count,
+    e.g. same-identity cross edges in a graph without cross edges)."""
+    return {key: value for key, value in stats.items() if math.isfinite(value)}
+
+
 class TrainingDiverged(UserError):
     """The loss stayed non-finite; the last good checkpoint is kept."""
 
@@ -373,7 +379,7 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
         with self.phase("read_back"):
-            self.latest_stats = self.dist.mean({k: float(v) for k, v in out.get("stats", {}).items()})
+            self.latest_stats = finite(self.dist.mean({k: float(v) for k, v in out.get("stats", {}).items()}))
             return self.dist.mean({k: float(v.detach()) for k, v in terms.items()}), grad_norm
 
     def _step_on_device(self, out: dict, terms: dict[str, torch.Tensor]) -> PendingStep:
@@ -419,7 +425,7 @@ class Trainer:
             epoch_total, counted, last_total = epoch_total + terms["total"], counted + 1, terms["total"]
             if self.log_due(p.step):
                 stats = {**dict(zip(p.stats, row[2 + len(p.terms) :], strict=True)), **p.host_stats}
-                self.latest_stats = self.dist.mean(stats)
+                self.latest_stats = finite(self.dist.mean(stats))
                 self.log_step(self.dist.mean(terms), row[1 + len(p.terms)], p.step)
         total, steps = self._epoch_loss
         self._epoch_loss = (total + self.dist.mean({"total": epoch_total})["total"], steps + counted)

@@ -33,8 +33,11 @@ def edge_statistics(
     modality: torch.Tensor,
     labels: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Fractions in [0, 1] over the rows of ``edges`` (nan where nothing was counted).
+    on_device: bool = False,
+) -> dict[str, float] | dict[str, torch.Tensor]:
+    """Fractions in [0, 1] over the rows of ``edges`` (nan where nothing was counted); ``on_device``
+    returns them as 0-d tensors where the edges are, read by nobody yet (a training step logs
+    them only every few steps, and reading a GPU value waits for the GPU).
 
     - ``cross_edges``: share of kept edges whose ends differ in modality;
     - ``cross_weight``: weight a row puts on other-modality neighbours, averaged over rows;
@@ -61,15 +64,15 @@ def edge_statistics(
         stats["same_id_weight"] = _mean((weight * same).sum(dim=1))
         stats["cross_same_id_edges"] = _ratio((same * cross).sum(), cross.sum())
         stats["cross_same_id_weight"] = _ratio((weight * same * cross).sum(), (weight * cross).sum())
-    return stats
+    return stats if on_device else {key: float(value) for key, value in stats.items()}
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
-    return float(num / den) if float(den) > 0 else float("nan")
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.full_like(num, float("nan")))
 
 
-def _mean(values: torch.Tensor) -> float:
-    return float(values.mean()) if values.numel() else float("nan")
+def _mean(values: torch.Tensor) -> torch.Tensor:
+    return values.mean() if values.numel() else values.new_tensor(float("nan"))
 
 
 def trial_graph_statistics(

@@ -238,10 +238,11 @@ def affinity_stats(
     graph: Graph, modality: torch.Tensor, labels: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     """Training-graph statistics for logging (:func:`~cmssft.evaluation.graph_stats.edge_statistics`
-    under ``sstn/``) plus the mean kept similarity; detached scalars."""
+    under ``sstn/``) plus the mean kept similarity; detached 0-d tensors on the graph's device, nan
+    where nothing was counted (nothing is read back here: the trainer reads them at its log steps)."""
     with torch.no_grad():
-        values = edge_statistics(graph.edges(), modality, labels).items()
-        stats = {f"sstn/{k}": torch.tensor(v) for k, v in values if v == v}  # nan: nothing to count
+        values = edge_statistics(graph.edges(), modality, labels, on_device=True).items()
+        stats = {f"sstn/{k}": v for k, v in values}
         valid = graph.valid
         stats["sstn/kept_similarity"] = (graph.value.float() * valid).sum() / valid.sum().clamp_min(1)
     return stats
