@@ -11,6 +11,7 @@ from cmssft.engine.checkpoint import load_checkpoint, load_model_state, save_ato
 from cmssft.engine.entry import find_resume_dir
 from cmssft.engine.metrics_log import MetricsLogger
 from cmssft.engine.optim import lr_factor
+from cmssft.engine.trainer import finite
 from cmssft.errors import UserError
 
 from .conftest import REPO_ROOT
@@ -110,3 +111,8 @@ def test_train_cli_user_errors_exit_2_with_one_line(tmp_path, args, expected):
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())  # no run directory for a run that never started
+
+
+def test_uncounted_model_statistics_are_not_logged():
+    stats = {"sstn/cross_edges": 0.0, "sstn/cross_same_id_edges": float("nan"), "heads/x": float("inf")}
+    assert finite(stats) == {"sstn/cross_edges": 0.0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from cmssft.models.sstn import (
     unify,
 )
 from cmssft.models.sstn_reference import to_dense
+from cmssft.utils.host_reads import count_host_reads
 
 DIM = 8
 
@@ -136,6 +138,16 @@ def test_affinity_stats_on_a_hand_made_graph():
     assert stats["sstn/kept_similarity"].item() == pytest.approx(0.5)
     assert "sstn/same_id_edges" not in affinity_stats(graph, modality)
     assert all(not v.requires_grad for v in stats.values())
+
+
+def test_affinity_stats_read_nothing_back_and_mark_the_uncounted_nan():
+    """A training step must not wait for the device to log its graph; nothing counted is nan."""
+    graph = Graph(torch.tensor([[1], [0]]), torch.ones(2, 1), torch.full((2, 1), 0.5))
+    with count_host_reads() as reads:
+        stats = affinity_stats(graph, torch.tensor([0, 0]), torch.tensor([0, 0]))  # no cross edge
+    assert sum(reads.values()) == 0, reads
+    assert stats["sstn/cross_edges"].item() == 0.0 and stats["sstn/same_id_edges"].item() == 1.0
+    assert math.isnan(stats["sstn/cross_same_id_edges"].item())
 
 
 VARIANTS = list(
