@@ -10,6 +10,7 @@ import torch
 from cmssft.engine.entry import train_main
 from cmssft.models.candidate_memory import CandidateMemory
 from cmssft.models.sstn import SSTN
+from cmssft.utils.host_reads import count_host_reads
 
 from .conftest import TINY_DATA
 from .test_sstn import DIM, make_bank
@@ -73,6 +74,14 @@ def test_batch_rows_are_those_of_a_graph_over_batch_and_memory(kwargs):
     reference = plain(*both)
     assert torch.allclose(out.fused, reference.fused[:6], atol=1e-6)
     assert torch.equal(out.graph.index, reference.graph.index[:6])
+
+
+def test_a_training_forward_with_memory_reads_nothing_back():
+    _, remembering = twin_sstns(memory=16)
+    remembering(*batch(8, seed=13, first_label=50))
+    with count_host_reads() as reads:
+        remembering(*batch(6, seed=14))
+    assert sum(reads.values()) == 0, reads
 
 
 def test_no_gradient_reaches_the_memory_and_the_batch_gets_one():

@@ -13,7 +13,9 @@ Stored per slot (``size`` slots, a FIFO ring; detached, so no gradient reaches e
                                  a specific branch)
     modality, labels  [size]     long; labels only feed the logged graph statistics
 
-All of it is registered as buffers, so a checkpoint resumes with the memory it had.
+All of it is registered as buffers, so a checkpoint resumes with the memory it had. The fill level
+and the write position are mirrored in Python integers, so a training step reads nothing back from
+the device (on a GPU every read waits for the queued work).
 """
 
 from __future__ import annotations
@@ -36,10 +38,15 @@ class CandidateMemory(nn.Module):
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))  # slots holding a sample
         self.register_buffer("cursor", torch.zeros((), dtype=torch.long))  # next slot to overwrite
+        self._filled = self._cursor = 0  # host copies of the two buffers above
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._filled, self._cursor = int(self.filled), int(self.cursor)
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """``(shared [F, C], specific [F, C] | None, modality [F], labels [F])`` of the F filled slots."""
-        count = int(self.filled)
+        count = self._filled
         specific = None if self.specific is None else self.specific[:count]
         return self.shared[:count], specific, self.modality[:count], self.labels[:count]
 
@@ -51,11 +58,13 @@ class CandidateMemory(nn.Module):
         larger than the memory keeps its last ``size`` samples."""
         rows = shared.shape[0]
         start = max(0, rows - self.size)
-        slots = (int(self.cursor) + torch.arange(rows - start, device=self.shared.device)) % self.size
+        slots = (self._cursor + torch.arange(rows - start, device=self.shared.device)) % self.size
         self.shared[slots] = shared[start:].detach().to(self.shared.dtype)
         if self.specific is not None and specific is not None:
             self.specific[slots] = specific[start:].detach().to(self.specific.dtype)
         self.modality[slots] = modality[start:]
         self.labels[slots] = labels[start:] if labels is not None else -1
-        self.cursor.fill_((int(self.cursor) + rows - start) % self.size)
-        self.filled.fill_(min(self.size, int(self.filled) + rows - start))
+        self._cursor = (self._cursor + rows - start) % self.size
+        self._filled = min(self.size, self._filled + rows - start)
+        self.cursor.fill_(self._cursor)
+        self.filled.fill_(self._filled)
