@@ -133,3 +133,17 @@ def test_training_graphs_with_memory_offer_fewer_same_identity_candidates(tmp_pa
         steps = [r for r in records if "model/sstn/cross_same_id_edges" in r]
         shares[memory] = sum(r["model/sstn/cross_same_id_edges"] for r in steps[2:]) / len(steps[2:])
     assert shares[64] < shares[0] - 0.05, shares
+
+
+def test_weights_saved_without_a_memory_load_into_a_model_with_one():
+    """Checkpoints written before the memory existed (or with memory 0) still evaluate and resume."""
+    from cmssft.engine.checkpoint import load_model_state
+    from cmssft.errors import UserError
+
+    plain, remembering = twin_sstns(memory=16)
+    remembering(*batch(8, seed=15))
+    load_model_state(remembering, plain.state_dict(), "old.pth")
+    assert int(remembering.memory.filled) == 0 and remembering.memory.entries()[0].shape[0] == 0
+    broken = {k: v for k, v in plain.state_dict().items() if not k.startswith("neck.bn.running_mean")}
+    with pytest.raises(UserError, match="missing: neck.bn.running_mean"):
+        load_model_state(remembering, broken, "old.pth")

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from cmssft.errors import UserError
+from cmssft.models.candidate_memory import memory_state_keys
 
 LAST = "last.pth"
 BEST = "best.pth"
@@ -108,9 +109,10 @@ def _unpickling_reason(message: str) -> str:
 
 
 def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights, naming the keys that differ when the architecture does not match."""
+    """Load weights, naming the keys that differ when the architecture does not match. A candidate
+    memory the checkpoint lacks (written before it existed, or with ``model.sstn.memory=0``) starts empty."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
+    missing = sorted(set(own) - set(state_dict) - memory_state_keys(model))
     unexpected = sorted(set(state_dict) - set(own))
     mismatched = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
     if missing or unexpected or mismatched:
@@ -120,4 +122,4 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
                 shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
                 parts.append(f"{label}: {shown}")
         raise UserError(f"{source} does not match this model's architecture/config; " + "; ".join(parts))
-    model.load_state_dict(state_dict)
+    model.load_state_dict(state_dict, strict=False)  # everything but an absent memory was checked above

@@ -45,7 +45,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cmssft.config import Config, config_to_dict
 from cmssft.data.batch_augment import build_batch_augment
-from cmssft.engine.checkpoint import BEST, LAST, save_atomic
+from cmssft.engine.checkpoint import BEST, LAST, load_model_state, save_atomic
 from cmssft.engine.distributed import DistContext
 from cmssft.engine.metrics_log import MetricsLogger
 from cmssft.engine.optim import set_fused, skips_on_device
@@ -188,7 +188,7 @@ class Trainer:
         }
 
     def restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        load_model_state(self.model, state["model"], "the checkpoint to resume")
         self.optimizer.load_state_dict(state["optimizer"])
         set_fused(self.optimizer, self.fused)  # the checkpoint may come from a run with the other kernels
         self.scheduler.load_state_dict(state["scheduler"])

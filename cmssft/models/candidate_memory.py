@@ -40,8 +40,12 @@ class CandidateMemory(nn.Module):
         self.register_buffer("cursor", torch.zeros((), dtype=torch.long))  # next slot to overwrite
         self._filled = self._cursor = 0  # host copies of the two buffers above
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        if not any(key.startswith(prefix) for key in state_dict):  # saved without a memory: start empty
+            self.filled.zero_()
+            self.cursor.zero_()
+        else:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._filled, self._cursor = int(self.filled), int(self.cursor)
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -68,3 +72,13 @@ class CandidateMemory(nn.Module):
         self._filled = min(self.size, self._filled + rows - start)
         self.cursor.fill_(self._cursor)
         self.filled.fill_(self._filled)
+
+
+def memory_state_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of every candidate memory inside ``model``: training-only state that checkpoints
+    written before the memory existed lack (loading one, the memory simply starts empty)."""
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, CandidateMemory):
+            keys.update(f"{name}.{key}" if name else key for key in module.state_dict())
+    return keys
