@@ -109,17 +109,22 @@ def reference_step(sysu_root, *extra) -> tuple[dict, dict, dict]:
     def loss(out: dict, shard: tuple) -> dict:
         return criterion(out, shard[2], shard[1])
 
+    def first_step(*inputs) -> dict:  # every process's first step: its candidate memory is still empty
+        if model.sstn is not None and model.sstn.memory is not None:
+            model.sstn.memory.clear()
+        return model(*inputs)
+
     if cfg.model.sstn.global_batch:
         first = TwoShardGather(1)  # rank 1's rows, recorded with their graph
         model.batch_gather = first
-        model(*shards[1])
+        first_step(*shards[1])
         model.batch_gather = rank0 = TwoShardGather(0, first.own)
-        terms = [loss(model(*shards[0]), shards[0])]
+        terms = [loss(first_step(*shards[0]), shards[0])]
         model.batch_gather = TwoShardGather(1, rank0.own)
-        terms.append(loss(model(*shards[1]), shards[1]))
+        terms.append(loss(first_step(*shards[1]), shards[1]))
         model.batch_gather = None
     else:
-        terms = [loss(model(*shard), shard) for shard in shards]
+        terms = [loss(first_step(*shard), shard) for shard in shards]
     mean = {k: (terms[0][k] + terms[1][k]) / 2 for k in terms[0]}
     optimizer.zero_grad()
     mean["total"].backward()

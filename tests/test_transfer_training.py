@@ -32,7 +32,8 @@ def last_losses(run_dir, count: int = 5) -> dict[str, float]:
     ("extra", "collapses"),
     [
         ([], False),  # defaults: normalised fused triplet, other-modality neighbours
-        (["loss.normalize_fused=false", "model.sstn.cross_k=0"], True),  # the raw form: the control
+        # the raw form, as before the fix (and before the candidate memory): the control
+        (["loss.normalize_fused=false", "model.sstn.cross_k=0", "model.sstn.memory=0"], True),
     ],
 )
 def test_cross_modality_fused_triplet_trains_without_collapse(tmp_path, sysu_root, extra, collapses):

@@ -106,4 +106,4 @@ def _same_id_candidate_share(modality: torch.Tensor, labels: torch.Tensor, num_q
     q_mod, q_lab = modality[:num_query], label_ids[:num_query]
     same = per_mod_label[:, q_lab].sum(dim=0) - per_mod_label[q_mod, q_lab]  # [Q] same id, other modality
     other = per_mod.sum() - per_mod[q_mod]  # [Q] other modality
-    return _ratio(same.sum().float(), other.sum().float())
+    return float(_ratio(same.sum().float(), other.sum().float()))

@@ -42,11 +42,16 @@ class CandidateMemory(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         if not any(key.startswith(prefix) for key in state_dict):  # saved without a memory: start empty
-            self.filled.zero_()
-            self.cursor.zero_()
-        else:
-            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            self.clear()
+            return
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._filled, self._cursor = int(self.filled), int(self.cursor)
+
+    def clear(self) -> None:
+        """Forget every stored sample (the memory of a run that has not trained yet)."""
+        self.filled.zero_()
+        self.cursor.zero_()
+        self._filled = self._cursor = 0
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """``(shared [F, C], specific [F, C] | None, modality [F], labels [F])`` of the F filled slots."""
