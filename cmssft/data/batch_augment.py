@@ -36,6 +36,7 @@ from cmssft.data.transforms import (
     GRAY_WEIGHTS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    augment_settings,
 )
 
 NO_CHANNEL_AUG = -1  # AugmentParams.channel of a sample kept in colour
@@ -156,11 +157,4 @@ class BatchAugment:
 
 def build_batch_augment(cfg: DataConfig) -> BatchAugment:
     """The device augmentation with the training transform's settings (``data.pad``, ``data.flip``, ...)."""
-    return BatchAugment(
-        cfg.height,
-        cfg.width,
-        pad=cfg.pad,
-        flip=cfg.flip,
-        channel_aug=cfg.channel_aug,
-        random_erasing=cfg.random_erasing,
-    )
+    return BatchAugment(cfg.height, cfg.width, **augment_settings(cfg))

@@ -179,14 +179,12 @@ def build_train_transform(cfg: DataConfig) -> TrainTransform | ResizeTransform:
     when the device augments the batch, the resize alone."""
     if cfg.augment_on == "device":
         return ResizeTransform(cfg.height, cfg.width)
-    return TrainTransform(
-        cfg.height,
-        cfg.width,
-        pad=cfg.pad,
-        flip=cfg.flip,
-        channel_aug=cfg.channel_aug,
-        random_erasing=cfg.random_erasing,
-    )
+    return TrainTransform(cfg.height, cfg.width, **augment_settings(cfg))
+
+
+def augment_settings(cfg: DataConfig) -> dict[str, float]:
+    """The training augmentation's settings, one source for the CPU transform and the device batch path."""
+    return {"pad": cfg.pad, "flip": cfg.flip, "channel_aug": cfg.channel_aug, "random_erasing": cfg.random_erasing}
 
 
 def build_eval_transform(cfg: DataConfig) -> EvalTransform:
