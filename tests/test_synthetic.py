@@ -288,6 +288,40 @@ def test_ensure_synthetic_only_fills_missing_roots(tmp_path):
     assert not (tmp_path / "off").exists()
 
 
+
+def test_ensure_synthetic_leaves_nothing_behind_when_generation_fails(tmp_path, monkeypatch):
+    from cmssft.data.synthetic import generate as gen
+
+    def crash(spec, root, files, workers, progress):
+        (root / "cam1" / "0001").mkdir(parents=True, exist_ok=True)
+        (root / "cam1" / "0001" / "0001.jpg").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gen, "_render_all", crash)
+    root = tmp_path / "SYSU-MM01"
+    with pytest.raises(KeyboardInterrupt):
+        ensure_synthetic(root, "sysu", SyntheticConfig(enabled=True, ids=6, height=32, width=16))
+    assert sorted(tmp_path.iterdir()) == []  # no partial tree that a later run would take for data
+    monkeypatch.undo()
+    assert ensure_synthetic(root, "sysu", SyntheticConfig(enabled=True, ids=6, height=32, width=16)) is True
+
+
+def test_runs_started_together_install_one_whole_tree(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = SyntheticConfig(enabled=True, ids=6, height=32, width=16)
+    root = tmp_path / "SYSU-MM01"
+    root.mkdir()  # an empty root is filled as a missing one
+    with ThreadPoolExecutor(3) as pool:
+        generated = list(pool.map(lambda _: ensure_synthetic(root, "sysu", cfg), range(3)))
+    assert generated.count(True) >= 1
+    assert [p.name for p in tmp_path.iterdir()] == ["SYSU-MM01"]
+    alone = tmp_path.parent / (tmp_path.name + "-alone")
+    generate_dataset("sysu", alone, ids=6, height=32, width=16, progress=False)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(alone)) for p in alone.rglob("*") if p.is_file())
+    assert all((root / f).read_bytes() == (alone / f).read_bytes() for f in files)
+
 @settings(max_examples=25, deadline=None)
 @given(ids=st.integers(min_value=6, max_value=300), seed=st.integers(min_value=0, max_value=2**31))
 def test_small_sysu_splits_partition_the_ids(ids, seed):

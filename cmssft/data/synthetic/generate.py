@@ -7,6 +7,8 @@ the bytes written do not depend on the number of workers or the order of work.
 from __future__ import annotations
 
 import multiprocessing
+import shutil
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -306,11 +308,35 @@ def ensure_synthetic(root: Path, layout: str, cfg: SyntheticConfig) -> bool:
     """Generate the configured synthetic dataset at ``root`` if it is missing or empty.
 
     Returns True when it generated. Does nothing (False) when ``cfg.enabled`` is off or ``root``
-    already holds files, so a user's real data is never touched.
+    already holds files, so a user's real data is never touched. The tree is written into a
+    private sibling folder and renamed into place only when complete, so a crash never leaves a
+    partial tree behind, and runs started together (an ablation's parallel seeds) each either
+    install a whole tree or find the one another run installed.
     """
     root = Path(root)
     if not cfg.enabled or not is_empty_dir(root):
         return False
-    generate_dataset(layout, root, ids=cfg.ids, height=cfg.height, width=cfg.width, seed=cfg.seed,
-                     difficulty=cfg.difficulty, progress=True)  # fmt: skip
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    try:
+        generate_dataset(layout, staging, ids=cfg.ids, height=cfg.height, width=cfg.width, seed=cfg.seed,
+                         difficulty=cfg.difficulty, progress=True)  # fmt: skip
+        return _install(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _install(staging: Path, root: Path) -> bool:
+    """Rename a finished tree onto ``root`` (missing or empty); False when another run got there first."""
+    if root.is_dir() and not any(root.iterdir()):
+        try:
+            root.rmdir()
+        except OSError:  # another run removed or filled it meanwhile
+            pass
+    try:
+        staging.rename(root)
+    except OSError:
+        if is_empty_dir(root):
+            raise
+        return False
     return True
