@@ -261,9 +261,7 @@ def test_cli_refuses_non_empty_out_and_bad_arguments(tmp_path, capsys):
         assert run_cli(cli_main, args) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
-    code = run_cli(
-        cli_main, ["--layout", "regdb", "--out", str(out), "--ids", "2", "--size", "32x16", "--force"]
-    )
+    code = run_cli(cli_main, ["--layout", "regdb", "--out", str(out), "--ids", "2", "--size", "32x16", "--force"])
     assert code == 0
     assert (out / "keep.txt").read_text() == "mine" and (out / "idx" / "train_visible_1.txt").is_file()
     assert "images/s" in capsys.readouterr().out
@@ -286,7 +284,6 @@ def test_ensure_synthetic_only_fills_missing_roots(tmp_path):
     assert ensure_synthetic(root, "sysu", cfg) is False
     assert ensure_synthetic(tmp_path / "off", "regdb", SyntheticConfig(enabled=False)) is False
     assert not (tmp_path / "off").exists()
-
 
 
 def test_ensure_synthetic_leaves_nothing_behind_when_generation_fails(tmp_path, monkeypatch):
@@ -321,6 +318,7 @@ def test_runs_started_together_install_one_whole_tree(tmp_path):
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     assert files == sorted(str(p.relative_to(alone)) for p in alone.rglob("*") if p.is_file())
     assert all((root / f).read_bytes() == (alone / f).read_bytes() for f in files)
+
 
 @settings(max_examples=25, deadline=None)
 @given(ids=st.integers(min_value=6, max_value=300), seed=st.integers(min_value=0, max_value=2**31))
