@@ -3,6 +3,7 @@
     python benchmarks/ablation.py --scale configs/benchmarks/demo.yaml --rows baseline full --seeds 0 1 2
     python benchmarks/ablation.py --scale configs/benchmarks/gpu.yaml --rows baseline full --jobs 4
     python benchmarks/ablation.py --scale configs/benchmarks/demo.yaml --rows full --set model.sstn.cross_k=0
+    python benchmarks/ablation.py --rows full --score-set model.sstn.test_intra_k=0
 
 A *row* is a ``configs/ablation/<row>.yaml`` (or any config path); a *scale* is a YAML file of
 overrides applied on top of it (data size, schedule, device); ``--set key=value`` adds more. Every
@@ -13,11 +14,13 @@ continues). Its ``best.pth`` is then scored, from features extracted once, in ea
 ``off+rerank`` (off with k-reciprocal re-ranking, the standard transductive post-processing the
 transductive SSTN must beat). Prints one JSON line per run and a Markdown table of mean +- sample
 standard deviation over seeds, with the test graph's statistics; writes both to ``<out>/<label>/``.
+``--score-set`` scores the same trained runs again with test-time settings changed (no training).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -30,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 MODES = ("transductive", "single_query", "off", "off+rerank")
+SCORE_KEYS = ("model.sstn.", "eval.")  # what --score-set may change: scoring, not training
 GRAPH_KEYS = ("query_cross_edges", "cross_same_id_edges", "cross_same_id_weight", "query_same_id_candidates")
 
 
@@ -44,7 +48,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label", help="results folder under --out (default: the scale's name and the --set values)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (they share the CPU cores or GPU)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    return parser.parse_args(argv)
+    parser.add_argument("--score-set", dest="score_overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="test-time overrides (model.sstn.*, eval.*) applied to each trained run when scoring "
+                        "only: the same checkpoints are scored again, into modes@<values>.json and summary@<values>.md")
+    args = parser.parse_args(argv)
+    for item in args.score_overrides:
+        if not item.startswith(SCORE_KEYS):
+            allowed = " and ".join(k + "*" for k in SCORE_KEYS)
+            parser.error(f"--score-set {item}: only {allowed} keys change scoring alone")
+    return args
 
 
 def scale_overrides(path: str) -> list[str]:
@@ -74,8 +86,13 @@ def train_command(row: str, seed: int, run_dir: Path, overrides: list[str]) -> l
             "train.deterministic=true", "eval.compare_modes=[]", *overrides, f"seed={seed}"]
 
 
-def finished(run_dir: Path) -> bool:
-    return (run_dir / "best.pth").is_file() and (run_dir / "modes.json").is_file()
+def score_tag(score_overrides: list[str]) -> str:
+    """File-name tag of a scoring with test-time overrides ('' without: modes.json, summary.md)."""
+    return "" if not score_overrides else "@" + "-".join(o.replace("/", "_") for o in score_overrides)
+
+
+def finished(run_dir: Path, score_overrides: list[str] | None = None) -> bool:
+    return (run_dir / "best.pth").is_file() and (run_dir / f"modes{score_tag(score_overrides or [])}.json").is_file()
 
 
 def train_all(jobs: list[tuple[str, int, Path]], overrides: list[str], parallel: int) -> None:
@@ -103,9 +120,10 @@ def train_all(jobs: list[tuple[str, int, Path]], overrides: list[str], parallel:
         time.sleep(1.0)
 
 
-def score_modes(run_dir: Path, modes: list[str]) -> dict[str, dict]:
-    """Mean metrics and test-graph statistics of ``best.pth`` in each mode, from one feature extraction."""
-    from cmssft.config import load_config
+def score_modes(run_dir: Path, modes: list[str], score_overrides: list[str] | None = None) -> dict[str, dict]:
+    """Mean metrics and test-graph statistics of ``best.pth`` in each mode, from one feature extraction;
+    ``score_overrides`` change the trained config's test-time keys first."""
+    from cmssft.config import _set_dotted, config_from_dict, config_to_dict, load_config, parse_override
     from cmssft.data.datasets import load_dataset
     from cmssft.data.loader import build_test_loader
     from cmssft.engine.checkpoint import load_checkpoint
@@ -115,8 +133,14 @@ def score_modes(run_dir: Path, modes: list[str]) -> dict[str, dict]:
     from cmssft.evaluation.report import summarize
     from cmssft.utils.runtime import resolve_device
 
-    cfg = load_config(run_dir / "config.yaml")
-    model, _ = model_from_checkpoint(load_checkpoint(run_dir / "best.pth"), str(run_dir / "best.pth"))
+    cfg = load_config(run_dir / "config.yaml", score_overrides)
+    state = load_checkpoint(run_dir / "best.pth")
+    if score_overrides:  # the checkpoint's own config, with the same overrides
+        raw = copy.deepcopy(state["config"])
+        for item in score_overrides:
+            _set_dotted(raw, *parse_override(item))
+        state = {**state, "config": config_to_dict(config_from_dict(raw))}
+    model, _ = model_from_checkpoint(state, str(run_dir / "best.pth"))
     device = resolve_device(cfg.train.device)
     model.to(device)
     d = cfg.data
@@ -186,21 +210,26 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [(row, seed, out / Path(row).stem / f"seed{seed}") for row in args.rows for seed in args.seeds]
     train_all(jobs, overrides, args.jobs)
     results: dict[str, dict[int, dict]] = {}
+    tag = score_tag(args.score_overrides)
     for row, seed, run_dir in jobs:
-        if not finished(run_dir):
-            (run_dir / "modes.json").write_text(json.dumps(score_modes(run_dir, args.modes), indent=1) + "\n")
-        scored = json.loads((run_dir / "modes.json").read_text())
+        scores = run_dir / f"modes{tag}.json"
+        if not finished(run_dir, args.score_overrides):
+            scores.write_text(json.dumps(score_modes(run_dir, args.modes, args.score_overrides), indent=1) + "\n")
+        scored = json.loads(scores.read_text())
         results.setdefault(Path(row).stem, {})[seed] = scored
         timing = run_dir / "train_seconds.txt"
         seconds = timing.read_text().strip() if timing.exists() else ""
         print(json.dumps({"row": Path(row).stem, "seed": seed, "train_seconds": seconds, **scored}), flush=True)
     table = aggregate(results, args.modes)
     text = markdown(table)
-    print(f"\nscale {args.scale}, overrides {args.overrides or 'none'}, seeds {args.seeds}; mean ± sample std, %\n")
+    scoring = f", scored with {args.score_overrides}" if args.score_overrides else ""
+    print(f"\nscale {args.scale}, overrides {args.overrides or 'none'}{scoring}, seeds {args.seeds}; "
+          "mean ± sample std, %\n")
     print(text)
-    (out / "summary.md").write_text(text + "\n")
-    (out / "summary.json").write_text(json.dumps({"scale": args.scale, "overrides": overrides, "seeds": args.seeds,
-                                                  "table": table}, indent=1) + "\n")
+    (out / f"summary{tag}.md").write_text(text + "\n")
+    (out / f"summary{tag}.json").write_text(json.dumps({"scale": args.scale, "overrides": overrides,
+                                                        "score_overrides": args.score_overrides, "seeds": args.seeds,
+                                                        "table": table}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

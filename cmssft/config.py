@@ -91,6 +91,10 @@ class SSTNConfig:
     # that few of a node's candidates are its identity, as in a test graph (0: the batch alone;
     # 256 chosen by the seeded ablation, docs/RESULTS.md)
     memory: int = 256
+    # test graphs only: each row also keeps its that-many most similar nodes of its own modality, the
+    # own-modality and the cross block then weighted apart (block_norm); ignored with cross_k=0 (6 chosen
+    # by the seeded ablation, docs/RESULTS.md)
+    test_intra_k: int = 6
 
 
 @dataclass
@@ -502,6 +506,7 @@ RANGES: dict[str, Range] = {
     "model.sstn.fused_dim": AT_LEAST_0,
     "model.sstn.chunk": AT_LEAST_1,
     "model.sstn.memory": AT_LEAST_0,
+    "model.sstn.test_intra_k": AT_LEAST_0,
     "loss.label_smoothing": Range(0, 1, open_high=True),
     "loss.triplet_margin": AT_LEAST_0,
     "loss.hard_negatives": AT_LEAST_1,

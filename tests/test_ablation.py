@@ -20,7 +20,8 @@ def ablated(tmp_path_factory, sysu_root):
     scale = tmp / "tiny.yaml"
     scale.write_text(
         f"data:\n  root: {sysu_root}\n  height: 64\n  width: 32\n  ids_per_batch: 2\n  images_per_id: 2\n"
-        "  num_workers: 0\nmodel:\n  backbone: resnet18\n  pretrained: none\n  sstn:\n    topk: 3\n    cross_k: 3\n"
+        "  num_workers: 0\nmodel:\n  backbone: resnet18\n  pretrained: none\n"
+        "  sstn:\n    topk: 3\n    cross_k: 3\n    test_intra_k: 0\n"
         "train:\n  epochs: 1\n  iters_per_epoch: 2\n  device: cpu\neval:\n  trials: 2\n  batch_size: 64\n"
         "  flip: false\n"
     )
@@ -68,3 +69,25 @@ def test_finished_runs_are_reused_and_set_overrides_get_their_own_folder(ablated
     assert overrides.overrides == ["model.sstn.cross_k=0"]
     command = ablation.train_command("full", 3, tmp / "x", ["model.sstn.cross_k=0"])
     assert command[-2:] == ["model.sstn.cross_k=0", "seed=3"] and "train.deterministic=true" in command
+
+
+def test_score_set_rescores_the_same_checkpoints_with_test_time_settings(ablated):
+    tmp, _, args = ablated
+    run = tmp / "out" / "tiny" / "full" / "seed0"
+    marker = run / "best.pth"
+    before = marker.stat().st_mtime_ns
+    ablation.main([*args, "--rows", "full", "--modes", "transductive", "off",
+                   "--score-set", "model.sstn.test_intra_k=2"])
+    assert marker.stat().st_mtime_ns == before  # nothing retrained
+    plain = json.loads((run / "modes.json").read_text())
+    widened = json.loads((run / "modes@model.sstn.test_intra_k=2.json").read_text())
+    assert widened["off"] == plain["off"]  # no transfer: the test graph does not matter
+    # the tiny scale trains cross-only graphs (topk 3): scored with 2 own-modality neighbours, the queries'
+    # kept edges are 3 of 5 cross, and the transductive numbers move
+    assert plain["transductive"]["graph/query_cross_edges"] == pytest.approx(1.0)
+    assert widened["transductive"]["graph/query_cross_edges"] == pytest.approx(3 / 5)
+    assert widened["transductive"] != plain["transductive"]
+    summary = json.loads((tmp / "out" / "tiny" / "summary@model.sstn.test_intra_k=2.json").read_text())
+    assert summary["score_overrides"] == ["model.sstn.test_intra_k=2"]
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--score-set", "train.lr=0.1"])

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cmssft.errors import UserError
 from cmssft.models.sstn import (
     SSTN,
     Graph,
@@ -381,3 +382,54 @@ def test_centring_uses_the_running_means_at_test_time():
     for m in (0, 1):
         batch_mean = shared[modality == m].mean(dim=0)
         assert torch.allclose(sstn.modality_mean[m], before[m] + 0.25 * (batch_mean - before[m]), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- test-time own-modality block
+
+
+def copy_weights(dst: SSTN, src: SSTN) -> SSTN:
+    dst.load_state_dict(src.state_dict())
+    return dst.eval()
+
+
+@pytest.mark.parametrize(("topk", "cross_k", "intra_k"), [(3, 3, 2), (4, 2, 1), (3, 3, 3)])
+@pytest.mark.parametrize("mode", ["transductive", "single_query"])
+def test_test_intra_k_scores_like_the_widened_block_normalised_graph(topk, cross_k, intra_k, mode):
+    """``test_intra_k`` is the row layout ``topk + intra_k`` / ``cross_k`` with block weights, at test time only."""
+    sstn = make_sstn(topk=topk, cross_k=cross_k, test_intra_k=intra_k, chunk=4)
+    wide = copy_weights(make_sstn(topk=topk + intra_k, cross_k=cross_k, block_norm=True, chunk=4), sstn)
+    plain = copy_weights(make_sstn(topk=topk, cross_k=cross_k, chunk=4), sstn)
+    for q_mod, g_mod in ((1, 0), (None, None)):
+        query, gallery = make_bank(6, seed=31, modality=q_mod), make_bank(9, seed=32, modality=g_mod)
+        got = sstn.distance(query, gallery, mode)
+        assert torch.allclose(got, wide.distance(query, gallery, mode), atol=1e-5)
+        assert not torch.allclose(got, plain.distance(query, gallery, mode), atol=1e-3)
+
+
+def test_test_intra_k_widens_test_rows_by_own_modality_neighbours_and_leaves_training_alone():
+    sstn = make_sstn(topk=3, cross_k=3, test_intra_k=2)
+    query, gallery = make_bank(5, seed=3, modality=1), make_bank(8, seed=4, modality=0)
+    modality = torch.cat([query[2], gallery[2]])
+    edges = sstn.distance_blocks(query, gallery, "transductive").edges()
+    assert edges.index.shape == (13, 5) and edges.valid.all()
+    cross = modality[edges.index] != modality.unsqueeze(1)
+    assert not cross[:, :2].any() and cross[:, 2:].all()  # 2 own-modality, then 3 other-modality neighbours
+    assert torch.allclose(edges.weight[:, :2].sum(1), torch.full((13,), 2 / 5))
+    # single-query: a lone query has no own-modality candidate; the rest of its row is its 3 gallery nodes
+    edges = sstn.distance_blocks(query, gallery, "single_query").edges()
+    assert not edges.valid[:5, :2].any() and edges.valid[:5, 2:].all()
+    assert torch.allclose(edges.weight[:5].sum(1), torch.ones(5))
+    # the training graph keeps its own layout: 3 neighbours, all from the other modality
+    shared, specific, mod = make_bank(12, seed=5)
+    graph = sstn.train()(shared, specific, mod).graph
+    assert graph.index.shape == (12, 3) and (mod[graph.index] != mod.unsqueeze(1)).all()
+
+
+def test_test_intra_k_is_ignored_by_one_top_k_per_row():
+    sstn = make_sstn(topk=3, cross_k=0, test_intra_k=2)
+    plain = copy_weights(make_sstn(topk=3, cross_k=0), sstn)
+    query, gallery = make_bank(5, seed=7), make_bank(8, seed=8)
+    assert sstn.test_view() is sstn
+    assert torch.equal(sstn.distance(query, gallery, "transductive"), plain.distance(query, gallery, "transductive"))
+    with pytest.raises(UserError, match="test_intra_k"):
+        SSTN(DIM, topk=3, cross_k=3, test_intra_k=-1)

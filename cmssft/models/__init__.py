@@ -81,6 +81,7 @@ def build_sstn(cfg: Config) -> SSTN | None:
         bnneck=m.bnneck,
         chunk=s.chunk,
         memory=s.memory,
+        test_intra_k=s.test_intra_k,
     )
 
 

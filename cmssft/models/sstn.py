@@ -33,6 +33,7 @@ of this lives in :mod:`cmssft.models.sstn_reference`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -271,6 +272,11 @@ class SSTN(nn.Module):
         memory: >0 keeps that many samples of earlier training batches as extra candidates of the
             training graph (:mod:`~cmssft.models.candidate_memory`), so that, as at test time, few
             of a node's candidates are its identity; no effect at test time.
+        test_intra_k: >0 widens every *test* graph's row by that many most similar nodes of the
+            row's own modality (an intra block beside the cross block, the two weighted apart as
+            with ``block_norm``): in a transductive graph a node then also gathers what its
+            own-modality neighbours received. Needs a cross block (``cross_k > 0``; ignored with
+            ``cross_k = 0``); training graphs are unchanged.
     """
 
     def __init__(
@@ -292,6 +298,7 @@ class SSTN(nn.Module):
         center: bool = False,
         center_momentum: float = 0.1,
         memory: int = 0,
+        test_intra_k: int = 0,
     ) -> None:
         super().__init__()
         if topk < 1:
@@ -324,6 +331,10 @@ class SSTN(nn.Module):
             self.register_buffer("modality_mean", torch.zeros(num_modalities, width))
         if memory < 0:
             raise UserError(f"model.sstn.memory must be >= 0, got {memory}")
+        if test_intra_k < 0:
+            raise UserError(f"model.sstn.test_intra_k must be >= 0, got {test_intra_k}")
+        self.affinity_dim = affinity_dim
+        self.test_intra_k = test_intra_k if cross_k > 0 else 0
         self.memory = CandidateMemory(memory, dim, use_specific) if memory > 0 else None
         if cross_k == 0:
             self.blocks = (_Block("all", 0, topk),)
@@ -331,6 +342,22 @@ class SSTN(nn.Module):
             self.blocks = (_Block("intra", 0, topk - cross_k), _Block("cross", topk - cross_k, cross_k))
 
     # ------------------------------------------------------------------ building blocks
+
+    def test_view(self) -> SSTN:
+        """The module test graphs are built with: itself, or (``test_intra_k > 0``) a shallow copy that
+        shares every weight and buffer and differs only in its row layout: ``topk + test_intra_k``
+        neighbours, ``cross_k`` of them from the other modality, the blocks weighted apart."""
+        if self.test_intra_k == 0:
+            return self
+        view = copy.copy(self)
+        view.topk = self.topk + self.test_intra_k
+        view.block_norm, view.test_intra_k = True, 0
+        intra = view.topk - self.cross_k
+        view.blocks = (_Block("intra", 0, intra), _Block("cross", intra, self.cross_k))
+        # own-modality similarities use the specific cosine too, unless a learned specific transform
+        # would be needed and training (cross neighbours only) never built one
+        view.specific_affinity = self.use_specific and (self.affinity_dim == 0 or self.proj_sp is not None)
+        return view
 
     def nodes(self, shared: torch.Tensor, specific: torch.Tensor | None, modality: torch.Tensor) -> Nodes:
         """Unified features and unit affinity embeddings of ``[N, C]`` shared/specific features."""
@@ -475,14 +502,16 @@ class SSTN(nn.Module):
         ``single_query``: each query with the gallery alone, exactly as a one-query
         transductive call; the gallery's graph is built here, each query block on demand. Its
         edges are each query's in its own graph and the gallery's among themselves.
+        Both build their graphs with :meth:`test_view`'s row layout.
         """
         if mode not in ("transductive", "single_query"):
             raise UserError(f"SSTN test mode {mode!r} is not transductive or single_query")
-        q = self.nodes(*query)
-        g = self.nodes(*gallery)
+        view = self.test_view()
+        q = view.nodes(*query)
+        g = view.nodes(*gallery)
         if mode == "transductive":
-            return self._transductive(q, g)
-        return self._single_query(q, g)
+            return view._transductive(q, g)
+        return view._single_query(q, g)
 
     def _row_blocks(self, nodes: Nodes) -> Iterator[tuple[torch.Tensor, Nodes, Graph]]:
         """``(ids [b], rows, graph [b, topk] of those rows against every node)`` for blocks of at most

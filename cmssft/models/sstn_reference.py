@@ -24,7 +24,9 @@ def to_dense(graph: Graph, num_cols: int) -> torch.Tensor:
 
 
 def dense_distance(sstn: SSTN, query: Triple, gallery: Triple, mode: str) -> torch.Tensor:
-    """The ``[Q, G]`` cosine distances of :meth:`SSTN.distance`, computed densely."""
+    """The ``[Q, G]`` cosine distances of :meth:`SSTN.distance`, computed densely (in the test graphs'
+    row layout, :meth:`SSTN.test_view`)."""
+    sstn = sstn.test_view()
     with torch.no_grad():
         q, g = sstn.nodes(*query), sstn.nodes(*gallery)
         if mode == "transductive":
