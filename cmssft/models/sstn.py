@@ -274,9 +274,10 @@ class SSTN(nn.Module):
             of a node's candidates are its identity; no effect at test time.
         test_intra_k: >0 widens every *test* graph's row by that many most similar nodes of the
             row's own modality (an intra block beside the cross block, the two weighted apart as
-            with ``block_norm``): in a transductive graph a node then also gathers what its
-            own-modality neighbours received. Needs a cross block (``cross_k > 0``; ignored with
-            ``cross_k = 0``); training graphs are unchanged.
+            with ``block_norm``): a node's shared part and own specific slot are then also averaged
+            with its own-modality neighbours' (as query expansion does), while its other-modality
+            slot still comes from the cross block alone. Needs a cross block (``cross_k > 0``;
+            ignored with ``cross_k = 0``); training graphs are unchanged.
     """
 
     def __init__(
