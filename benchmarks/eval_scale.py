@@ -2,6 +2,7 @@
 they come, against ranking the full (Q, G) matrix.
 
     python benchmarks/eval_scale.py [--sizes 2000 5000] [--scores cosine sstn] [--dim 64] [--full-max 20000]
+        [--test-intra-k 0]
 
 For each size N (Q = G = N random features, random identities over N/10 ids and six cameras, the
 same-camera exclusion rule) and score (``cosine``: ``cosine_blocks``; ``sstn``: the transductive
@@ -39,7 +40,8 @@ def point(args: argparse.Namespace) -> dict:
     if args.score == "cosine":
         blocks = cosine_blocks(torch.randn(n, dim, generator=gen), torch.randn(n, dim, generator=gen))
     else:
-        sstn = SSTN(dim, topk=6, cross_k=6).eval()  # the default graph: other-modality neighbours only
+        # the default test graph: 6 other-modality neighbours (and --test-intra-k of the node's own modality)
+        sstn = SSTN(dim, topk=6, cross_k=6, test_intra_k=args.test_intra_k).eval()
 
         def bank(modality: int):
             return torch.randn(n, dim, generator=gen), torch.randn(n, dim, generator=gen), torch.full((n,), modality)
@@ -54,7 +56,8 @@ def point(args: argparse.Namespace) -> dict:
 
 
 def spawn(args: argparse.Namespace, n: int, score: str, full: bool) -> dict:
-    command = [sys.executable, __file__, "--point", "--n", str(n), "--score", score, "--dim", str(args.dim)]
+    command = [sys.executable, __file__, "--point", "--n", str(n), "--score", score, "--dim", str(args.dim),
+               "--test-intra-k", str(args.test_intra_k)]
     proc = subprocess.run(command + (["--full"] if full else []), capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("--scores", nargs="+", default=["cosine", "sstn"])
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--full-max", type=int, default=20000)
+    parser.add_argument("--test-intra-k", type=int, default=0, help="own-modality neighbours of the sstn test graph")
     parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--score", help=argparse.SUPPRESS)
@@ -77,6 +81,7 @@ def main() -> None:
         for score in args.scores:
             blockwise = spawn(args, n, score, full=False)
             record = {"benchmark": "eval_scale", "Q": n, "G": n, "score": score, "dim": args.dim,
+                      "test_intra_k": args.test_intra_k if score == "sstn" else None,
                       "threads": torch.get_num_threads(), "blockwise_s": round(blockwise["seconds"], 2),
                       "blockwise_peak_mb": round(blockwise["peak_bytes"] / 2**20, 1),
                       "rank1": round(blockwise["rank1"], 4), "mAP": round(blockwise["mAP"], 4)}

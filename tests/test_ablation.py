@@ -20,8 +20,7 @@ def ablated(tmp_path_factory, sysu_root):
     scale = tmp / "tiny.yaml"
     scale.write_text(
         f"data:\n  root: {sysu_root}\n  height: 64\n  width: 32\n  ids_per_batch: 2\n  images_per_id: 2\n"
-        "  num_workers: 0\nmodel:\n  backbone: resnet18\n  pretrained: none\n"
-        "  sstn:\n    topk: 3\n    cross_k: 3\n    test_intra_k: 0\n"
+        "  num_workers: 0\nmodel:\n  backbone: resnet18\n  pretrained: none\n  sstn:\n    topk: 3\n    cross_k: 3\n"
         "train:\n  epochs: 1\n  iters_per_epoch: 2\n  device: cpu\neval:\n  trials: 2\n  batch_size: 64\n"
         "  flip: false\n"
     )
