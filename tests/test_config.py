@@ -153,3 +153,14 @@ def test_cross_k_defaults_to_all_neighbours_and_must_fit_in_topk():
         load_config(None, ["model.sstn.topk=4", "model.sstn.cross_k=5"])
     with pytest.raises(ConfigError, match="out of range"):
         load_config(None, ["model.sstn.cross_k=-2"])
+
+
+def test_test_intra_k_reaches_the_sstn_and_is_at_least_0():
+    from cmssft.models import build_model
+
+    base = ["model.backbone=resnet18", "model.pretrained=none"]
+    assert build_model(load_config(None, base), 3).sstn.test_view().topk == 6  # default 0: test rows as training
+    sstn = build_model(load_config(None, [*base, "model.sstn.test_intra_k=4"]), 3).sstn
+    assert (sstn.topk, sstn.test_view().topk) == (6, 10)
+    with pytest.raises(ConfigError, match="model.sstn.test_intra_k: -1 is out of range"):
+        load_config(None, ["model.sstn.test_intra_k=-1"])
