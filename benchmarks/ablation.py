@@ -23,10 +23,13 @@ import argparse
 import copy
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,28 +99,59 @@ def finished(run_dir: Path, score_overrides: list[str] | None = None) -> bool:
 
 
 def train_all(jobs: list[tuple[str, int, Path]], overrides: list[str], parallel: int) -> None:
-    """Run the missing trainings, ``parallel`` at a time, each with its share of the CPU threads."""
+    """Run the missing trainings, ``parallel`` at a time, each with its share of the CPU threads.
+
+    If the runner stops early (an error, Ctrl-C, SIGTERM), the trainings it started are stopped too, so
+    none keeps writing into a run folder that a restarted runner will use.
+    """
     threads = str(max(1, (os.cpu_count() or 1) // max(1, parallel)))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     pending = [job for job in jobs if not (job[2] / "best.pth").is_file()]
     running: list[tuple[subprocess.Popen, Path, float]] = []
-    while pending or running:
-        while pending and len(running) < parallel:
-            row, seed, run_dir = pending.pop(0)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            log = (run_dir / "train.out").open("w")
-            print(f"+ train {row} seed {seed} -> {run_dir}", file=sys.stderr, flush=True)
-            proc = subprocess.Popen(train_command(row, seed, run_dir, overrides), cwd=ROOT, stdout=log,
-                                    stderr=subprocess.STDOUT, env=env)
-            running.append((proc, run_dir, time.time()))
-        for proc, run_dir, start in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, run_dir, start))
-                if proc.returncode != 0:
-                    tail = (run_dir / "train.out").read_text()[-2000:]
-                    raise SystemExit(f"training failed ({run_dir}, exit {proc.returncode}):\n{tail}")
-                (run_dir / "train_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
-        time.sleep(1.0)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                row, seed, run_dir = pending.pop(0)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                log = (run_dir / "train.out").open("w")
+                print(f"+ train {row} seed {seed} -> {run_dir}", file=sys.stderr, flush=True)
+                proc = subprocess.Popen(train_command(row, seed, run_dir, overrides), cwd=ROOT, stdout=log,
+                                        stderr=subprocess.STDOUT, env=env)
+                running.append((proc, run_dir, time.time()))
+            for proc, run_dir, start in list(running):
+                if proc.poll() is not None:
+                    running.remove((proc, run_dir, start))
+                    if proc.returncode != 0:
+                        tail = (run_dir / "train.out").read_text()[-2000:]
+                        raise SystemExit(f"training failed ({run_dir}, exit {proc.returncode}):\n{tail}")
+                    (run_dir / "train_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
+            time.sleep(1.0)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        _stop(proc for proc, _, _ in running)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
+
+
+def _stop(procs: Iterable[subprocess.Popen]) -> None:
+    """Terminate (then kill) trainings still running; each writes its last.pth on SIGTERM."""
+    procs = [p for p in procs if p.poll() is None]
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def score_modes(run_dir: Path, modes: list[str], score_overrides: list[str] | None = None) -> dict[str, dict]:

@@ -90,3 +90,32 @@ def test_score_set_rescores_the_same_checkpoints_with_test_time_settings(ablated
     assert summary["score_overrides"] == ["model.sstn.test_intra_k=2"]
     with pytest.raises(SystemExit):
         ablation.parse_args(["--score-set", "train.lr=0.1"])
+
+
+def test_a_stopped_runner_stops_the_trainings_it_started(tmp_path, monkeypatch):
+    """SIGTERM to the runner: its trainings are terminated, not left writing into run folders."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    started = []
+
+    class Recording(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    def sleep(_seconds):
+        os.kill(os.getpid(), signal.SIGTERM)  # the runner is told to stop while both trainings run
+
+    monkeypatch.setattr(ablation.subprocess, "Popen", Recording)
+    monkeypatch.setattr(ablation, "time", SimpleNamespace(time=time.time, sleep=sleep))
+    monkeypatch.setattr(ablation, "train_command",
+                        lambda *_: [sys.executable, "-c", "import time; time.sleep(120)"])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit, match="signal"):
+        ablation.train_all([("full", 0, tmp_path / "a"), ("full", 1, tmp_path / "b")], [], parallel=2)
+    assert len(started) == 2 and all(proc.returncode is not None for proc in started)
+    assert signal.getsignal(signal.SIGTERM) is before
