@@ -94,8 +94,9 @@ def score_tag(score_overrides: list[str]) -> str:
     return "" if not score_overrides else "@" + "-".join(o.replace("/", "_") for o in score_overrides)
 
 
-def finished(run_dir: Path, score_overrides: list[str] | None = None) -> bool:
-    return (run_dir / "best.pth").is_file() and (run_dir / f"modes{score_tag(score_overrides or [])}.json").is_file()
+def finished(run_dir: Path, tag: str = "") -> bool:
+    """Trained, and scored into ``modes<tag>.json``."""
+    return (run_dir / "best.pth").is_file() and (run_dir / f"modes{tag}.json").is_file()
 
 
 def train_all(jobs: list[tuple[str, int, Path]], overrides: list[str], parallel: int) -> None:
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     tag = score_tag(args.score_overrides)
     for row, seed, run_dir in jobs:
         scores = run_dir / f"modes{tag}.json"
-        if not finished(run_dir, args.score_overrides):
+        if not finished(run_dir, tag):
             scores.write_text(json.dumps(score_modes(run_dir, args.modes, args.score_overrides), indent=1) + "\n")
         scored = json.loads(scores.read_text())
         results.setdefault(Path(row).stem, {})[seed] = scored

@@ -104,6 +104,13 @@ class _Block(NamedTuple):
     width: int
 
 
+def _row_layout(topk: int, cross_k: int) -> tuple[_Block, ...]:
+    """The blocks of a kept row: one ``all`` block (``cross_k = 0``), else intra then cross."""
+    if cross_k == 0:
+        return (_Block("all", 0, topk),)
+    return (_Block("intra", 0, topk - cross_k), _Block("cross", topk - cross_k, cross_k))
+
+
 class _GalleryParts(NamedTuple):
     """Single-query scoring's per-gallery-row terms when the query would enter block ``block`` of a
     row: ``[G, D']`` descriptors ``u`` (the block's k-1 kept, scaled) and ``c`` (block without
@@ -337,10 +344,7 @@ class SSTN(nn.Module):
         self.affinity_dim = affinity_dim
         self.test_intra_k = test_intra_k if cross_k > 0 else 0
         self.memory = CandidateMemory(memory, dim, use_specific) if memory > 0 else None
-        if cross_k == 0:
-            self.blocks = (_Block("all", 0, topk),)
-        else:
-            self.blocks = (_Block("intra", 0, topk - cross_k), _Block("cross", topk - cross_k, cross_k))
+        self.blocks = _row_layout(topk, cross_k)
 
     # ------------------------------------------------------------------ building blocks
 
@@ -353,8 +357,7 @@ class SSTN(nn.Module):
         view = copy.copy(self)
         view.topk = self.topk + self.test_intra_k
         view.block_norm, view.test_intra_k = True, 0
-        intra = view.topk - self.cross_k
-        view.blocks = (_Block("intra", 0, intra), _Block("cross", intra, self.cross_k))
+        view.blocks = _row_layout(view.topk, self.cross_k)
         # own-modality similarities use the specific cosine too, unless a learned specific transform
         # would be needed and training (cross neighbours only) never built one
         view.specific_affinity = self.use_specific and (self.affinity_dim == 0 or self.proj_sp is not None)
