@@ -117,6 +117,10 @@ class ModelConfig:
     reconstruction: bool = True  # decoder rebuilds the downsampled input from [h_sh, h_sp] (one per modality)
     grl_modality: float = 1.0  # gradient-reversal scale for the modality discriminator
     grl_project: float = 1.0  # gradient-reversal scale for the projector
+    # which features the projector predicts from and compares: "pooled" h_sh -> h_sp, or their BN-neck
+    # outputs ("neck", centred, the features SSTN transfers); post-ReLU pooled vectors share one mean
+    # direction, so a pooled target is predictable from anything (cosine ~0.997 on the demo)
+    project_space: Literal["pooled", "neck"] = "pooled"
     head_hidden: int = 512  # hidden width of the discriminator and projector MLPs
     recon_downsample: int = 8  # reconstruction target: the input average-pooled by this factor
 

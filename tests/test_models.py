@@ -206,6 +206,35 @@ def test_projector_reverses_both_extractor_inputs():
     assert torch.allclose(g_sp, -2.0 * sp.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("space", ["pooled", "neck"])
+def test_project_space_picks_what_the_projectors_see(space):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(project_space=space), NUM_CLASSES).train()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [p.register_forward_pre_hook(lambda _m, args: seen.append(args)) for p in model.projectors]
+    images, modality, labels = tiny_batch()
+    out = model(images, modality, labels)
+    for h in hooks:
+        h.remove()
+    grouped = torch.argsort(modality, stable=True)  # projectors see each modality's rows, RGB first
+    shared, specific = out["shared_feat"][grouped], out["specific_feat"][grouped]
+    sh_in = torch.cat([a for a, _ in seen])
+    sp_in = torch.cat([b for _, b in seen])
+    if space == "pooled":
+        assert torch.equal(sh_in, shared) and torch.equal(sp_in, specific)
+    else:  # BN-neck outputs in training mode: each modality's specific rows centred channel by channel
+        assert torch.allclose(sh_in, model.neck_sh(shared), atol=1e-5)
+        for _, sp in seen:
+            assert sp.mean(dim=0).abs().max() < 1e-4
+        assert torch.allclose(out["project_target"][grouped], sp_in)
+    assert (sp_in >= 0).all() == (space == "pooled")  # pooled post-ReLU features share one mean direction
+
+
+def test_project_space_is_validated():
+    with pytest.raises(UserError, match="project_space"):
+        build_model(tiny_config(project_space="raw"), NUM_CLASSES)
+
+
 def test_shared_only_baseline_gives_only_shared_terms():
     cfg = baseline_config()
     model = build_model(cfg, NUM_CLASSES).train()

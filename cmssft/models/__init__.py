@@ -57,6 +57,7 @@ def build_cmssft(cfg: Config, num_classes: int) -> CmSSFT:
         recon_downsample=m.recon_downsample,
         test_mode=s.test_mode,
         off_features=s.off_features,
+        project_space=m.project_space,
     )
 
 

@@ -15,8 +15,9 @@ specific_logits       [B, K]        identity logits of h_sp (per-modality classi
 fused_feat            [B, D']       SSTN-fused feature (before its BN-neck)
 fused_logits          [B, K]        identity logits of the fused feature
 modality_logits       [B, 2]        discriminator logits on reversed h_sh
-project_pred          [B, C]        projector's prediction of h_sp from reversed h_sh
-project_target        [B, C]        h_sp behind gradient reversal
+project_pred          [B, C]        projector's prediction of h_sp from reversed h_sh (model.project_space:
+                                    pooled, or both through their BN-necks)
+project_target        [B, C]        h_sp (pooled or BN-necked) behind gradient reversal
 recon                 [B, 3, h, w]  decoder output from [h_sh, h_sp], h = H // recon_downsample
 recon_target          [B, 3, h, w]  the input, average-pooled (no gradient)
 stats                 dict          detached scalars for logging (sstn/*, heads/*)
@@ -69,6 +70,7 @@ class CmSSFT(nn.Module):
         recon_downsample: the decoder's target is the input average-pooled by this factor.
         test_mode: default mode of :meth:`score`.
         off_features: features of the ``off`` mode, ``shared`` or ``concat`` (shared and specific).
+        project_space: what the projectors see: ``pooled`` features, or their BN-neck outputs (``neck``).
     """
 
     def __init__(
@@ -87,12 +89,15 @@ class CmSSFT(nn.Module):
         test_mode: str = "transductive",
         off_features: str = "shared",
         num_modalities: int = 2,
+        project_space: str = "pooled",
     ) -> None:
         super().__init__()
         if (projectors is not None or decoders is not None) and not extractor.has_specific:
             raise UserError("project_adversarial and reconstruction need the specific branch (use_specific)")
         if test_mode not in MODES:
             raise UserError(f"test mode {test_mode!r} is not one of {MODES}")
+        if project_space not in ("pooled", "neck"):
+            raise UserError(f"project_space {project_space!r} is not 'pooled' or 'neck'")
         self.extractor = extractor
         self.num_modalities = num_modalities
         self.pool_sh = make_pool(pooling, gem_p)
@@ -113,6 +118,7 @@ class CmSSFT(nn.Module):
         self.recon_downsample = recon_downsample
         self.test_mode = test_mode
         self.off_features = off_features
+        self.project_space = project_space
         self.batch_gather: BatchGather | None = None  # set by distributed training for a global-batch SSTN
         for layer in (self.cls_sh, self.cls_fused, *(self.cls_sp or [])):
             if layer is not None:
@@ -135,9 +141,8 @@ class CmSSFT(nn.Module):
         if self.modality_head is not None:
             out["modality_logits"] = self.modality_head(h_sh)
         if self.projectors is not None:
-            pairs = [
-                p(a, b) for p, a, b in zip(self.projectors, h_sh.split(sizes), h_sp.split(sizes), strict=True)
-            ]
+            src, dst = (bn_sh, bn_sp) if self.project_space == "neck" else (h_sh, h_sp)
+            pairs = [p(a, b) for p, a, b in zip(self.projectors, src.split(sizes), dst.split(sizes), strict=True)]
             out["project_pred"] = torch.cat([pred for pred, _ in pairs])
             out["project_target"] = torch.cat([target for _, target in pairs])
         if self.decoders is not None:
