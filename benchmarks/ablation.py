@@ -115,10 +115,10 @@ def train_all(jobs: list[tuple[str, int, Path]], overrides: list[str], parallel:
             while pending and len(running) < parallel:
                 row, seed, run_dir = pending.pop(0)
                 run_dir.mkdir(parents=True, exist_ok=True)
-                log = (run_dir / "train.out").open("w")
                 print(f"+ train {row} seed {seed} -> {run_dir}", file=sys.stderr, flush=True)
-                proc = subprocess.Popen(train_command(row, seed, run_dir, overrides), cwd=ROOT, stdout=log,
-                                        stderr=subprocess.STDOUT, env=env)
+                with (run_dir / "train.out").open("w") as log:  # the child keeps its own copy of the handle
+                    proc = subprocess.Popen(train_command(row, seed, run_dir, overrides), cwd=ROOT, stdout=log,
+                                            stderr=subprocess.STDOUT, env=env)
                 running.append((proc, run_dir, time.time()))
             for proc, run_dir, start in list(running):
                 if proc.poll() is not None:
