@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,17 @@ def split_files(tmp_path_factory) -> Path:
     """The real public split files, unpacked once per session from the repository's fixture, so no test
     depends on anything beside the checkout."""
     return unpack_split_files(tmp_path_factory.mktemp("split_files"))
+
+
+@pytest.fixture(scope="module")
+def module_scratch(tmp_path_factory, request) -> Iterator[Path]:
+    """A folder for what a module's tests share (trained runs, checkpoints), removed once the module is done
+    unless one of its tests failed, so a test session never holds more than one module's runs on disk."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    failed_before = request.session.testsfailed
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

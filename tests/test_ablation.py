@@ -14,9 +14,9 @@ import ablation  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ablated(tmp_path_factory, sysu_root):
+def ablated(module_scratch, sysu_root):
     """baseline and full, seeds 0 and 1, at a tiny scale (2 steps each)."""
-    tmp = tmp_path_factory.mktemp("ablation")
+    tmp = module_scratch
     scale = tmp / "tiny.yaml"
     scale.write_text(
         f"data:\n  root: {sysu_root}\n  height: 64\n  width: 32\n  ids_per_batch: 2\n  images_per_id: 2\n"

@@ -151,8 +151,8 @@ def assert_same_first_step(run_dir, sysu_root, *extra) -> None:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, sysu_root):
-    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+def ddp_run(module_scratch, sysu_root):
+    run_dir = module_scratch / "run"
     torchrun(run_dir, sysu_root)
     return run_dir
 

@@ -27,7 +27,7 @@ def random_images(batch: int, seed: int) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def model_and_checkpoint(tmp_path_factory):
+def model_and_checkpoint(module_scratch):
     """A small two-stream model whose BatchNorm statistics come from images (features of order 1), saved as
     train.py saves best.pth."""
     cfg = load_config(None, [*TINY_DATA, "model.specific_from=layer4"])
@@ -42,7 +42,7 @@ def model_and_checkpoint(tmp_path_factory):
         for seed in range(2):
             model(random_images(8, seed), torch.arange(8) % 2)
     model.eval()
-    path = tmp_path_factory.mktemp("ckpt") / "best.pth"
+    path = module_scratch / "best.pth"
     save_atomic({"model": model.state_dict(), "config": config_to_dict(cfg), "num_classes": NUM_CLASSES}, path)
     return model, path
 

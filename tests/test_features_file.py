@@ -20,9 +20,9 @@ EVAL = ["eval.trials=3", "eval.batch_size=32", "train.device=cpu", "data.num_wor
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, sysu_root):
+def run(module_scratch, sysu_root):
     """A tiny trained run (centred SSTN with balanced neighbours: every kind of SSTN state is stored)."""
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    run_dir = module_scratch / "tiny"
     args = ["--run-dir", str(run_dir), f"data.root={sysu_root}", *TINY_TRAIN, "model.sstn.center=true",
             "model.sstn.cross_k=2", "model.sstn.block_norm=true"]
     assert train_main(args) == 0

@@ -166,9 +166,9 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, sysu_root):
+def reference(module_scratch, sysu_root):
     """One uninterrupted run every interrupted one must reproduce."""
-    ref = Reference(tmp_path_factory.mktemp("kill") / "reference", sysu_root)
+    ref = Reference(module_scratch / "reference", sysu_root)
     yield ref
     if ref.proc.poll() is None:
         ref.proc.kill()

@@ -31,8 +31,8 @@ TOPK = 5
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, sysu_root):
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+def checkpoint(module_scratch, sysu_root):
+    run_dir = module_scratch / "tiny"
     assert train_main(["--run-dir", str(run_dir), f"data.root={sysu_root}", *TINY_TRAIN]) == 0
     return run_dir / "best.pth"
 
@@ -48,9 +48,10 @@ def search(checkpoint, query, gallery, out, *extra) -> int:
 
 
 @pytest.fixture(scope="module")
-def searched(checkpoint, sysu_root, tmp_path_factory):
+def searched(checkpoint, sysu_root, module_scratch):
     """IR queries (camera 3) against an RGB gallery (camera 1), modalities left to the pixels."""
-    out = tmp_path_factory.mktemp("search")
+    out = module_scratch / "search"
+    out.mkdir()
     assert search(checkpoint, sysu_root / "cam3", sysu_root / "cam1", out) == 0
     return out
 

@@ -34,8 +34,8 @@ def train(run_dir, sysu_root, *extra):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, sysu_root):
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+def trained_run(module_scratch, sysu_root):
+    run_dir = module_scratch / "tiny"
     train(run_dir, sysu_root)
     return run_dir
 
