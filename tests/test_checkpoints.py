@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
 import subprocess
@@ -132,3 +134,44 @@ def test_checkpoint_files_follow_the_umask(tmp_path):
     assert (tmp_path / "a.pth").stat().st_mode & 0o777 == 0o640
     save_atomic({"model": {}}, tmp_path / "b.pth")
     assert (tmp_path / "b.pth").stat().st_mode & 0o777 == 0o666 & ~previous
+
+
+
+class DiskFullForOneWrite(io.RawIOBase):
+    """A file on a disk that fills up for a moment: its first write past 64 KiB fails with ENOSPC."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.written, self.failed = fd, 0, False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, data) -> int:
+        if not self.failed and self.written + len(data) > 65536:
+            self.failed = True
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = os.write(self.fd, data)
+        self.written += written
+        return written
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+
+def test_a_full_disk_is_reported_as_one_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    """torch's own writer meets the ENOSPC: the caller must get that OSError (which the trainer turns into
+    "free space, then --resume"), not torch's RuntimeError "unexpected pos", which says nothing of why."""
+    path = tmp_path / "last.pth"
+    save_atomic({"model": {"w": torch.ones(3)}}, path)
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: io.BufferedWriter(DiskFullForOneWrite(fd)))
+    with pytest.raises(OSError) as raised:
+        save_atomic({"model": {"w": torch.zeros(256, 1024)}}, path)  # 1 MiB: past any write buffer
+    monkeypatch.undo()
+    assert raised.value.errno == errno.ENOSPC
+    assert torch.equal(load_checkpoint(path, need=("model",))["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]

@@ -40,7 +40,7 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            _save_reporting_write_errors(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -48,6 +48,39 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+class _WriteErrorRecorder:
+    """A file handle that remembers the first OSError its ``write`` raised."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _save_reporting_write_errors(state: dict[str, Any], handle: Any) -> None:
+    """``torch.save``, but a failed write stays the OSError it was (ENOSPC, EIO, EDQUOT).
+
+    torch's zip writer turns an exception from ``write`` into a RuntimeError that no longer says why
+    ("unexpected pos ..."), so a full disk would look like a bug and skip the caller's advice.
+    """
+    recorder = _WriteErrorRecorder(handle)
+    try:
+        torch.save(state, recorder)
+    except RuntimeError as err:
+        if recorder.error is None:
+            raise
+        raise recorder.error from err
 
 
 def _fsync_dir(folder: Path) -> None:
