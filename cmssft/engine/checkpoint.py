@@ -67,6 +67,9 @@ class _WriteErrorRecorder:
     def flush(self) -> None:
         self.handle.flush()
 
+    def fileno(self) -> int:
+        return self.handle.fileno()
+
 
 def _save_reporting_write_errors(state: dict[str, Any], handle: Any) -> None:
     """``torch.save``, but a failed write stays the OSError it was (ENOSPC, EIO, EDQUOT).
