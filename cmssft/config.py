@@ -163,6 +163,9 @@ class TrainConfig:
     gamma: float = 0.1
     amp: Literal["off", "bf16", "fp16"] = "off"
     grad_clip: float = 0.0  # 0 disables clipping
+    # strength of the reversed gradients (model.grl_*) over training: "constant", or "dann", which ramps
+    # it from 0 to 1 as 2/(1+exp(-10 p)) - 1 of the training progress p (0.68 at p=1/6, 0.99 by p=1/2)
+    grl_schedule: Literal["constant", "dann"] = "constant"
     eval_every: int = 10  # epochs; 0 evaluates only at the end
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False

@@ -52,6 +52,7 @@ from cmssft.engine.optim import set_fused, skips_on_device
 from cmssft.engine.run_dir import FILE_ONLY
 from cmssft.engine.signals import StopSignals, TrainingInterrupted
 from cmssft.errors import UserError
+from cmssft.models.heads import dann_ramp, set_reversal_ramp
 from cmssft.utils.runtime import rng_state, set_rng_state
 
 LOG = logging.getLogger("cmssft")
@@ -346,6 +347,9 @@ class Trainer:
         when the optimizer skips on the device (:attr:`defer_sync`), a :class:`PendingStep`.
         """
         images, labels, modality = batch if isinstance(batch, DeviceBatch) else self.to_device(batch)
+        if self.cfg.train.grl_schedule == "dann":
+            progress = self.state.step / max(1, self.cfg.train.epochs * self.iters_per_epoch)
+            set_reversal_ramp(self.model, dann_ramp(progress))
         with self.phase("forward"):
             with torch.autocast(
                 self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)
