@@ -116,3 +116,19 @@ def test_train_cli_user_errors_exit_2_with_one_line(tmp_path, args, expected):
 def test_uncounted_model_statistics_are_not_logged():
     stats = {"sstn/cross_edges": 0.0, "sstn/cross_same_id_edges": float("nan"), "heads/x": float("inf")}
     assert finite(stats) == {"sstn/cross_edges": 0.0}
+
+
+@pytest.mark.parametrize("schedule", ["constant", "dann"])
+def test_the_grl_schedule_sets_the_ramp_before_each_step(schedule, sysu_root, tmp_path, monkeypatch):
+    from cmssft.engine import trainer
+    from cmssft.engine.entry import train_main
+    from cmssft.models.heads import dann_ramp
+
+    from .conftest import SHARED_ONLY, TINY_CHECKPOINT_RUN
+
+    ramps = []
+    monkeypatch.setattr(trainer, "set_reversal_ramp", lambda model, ramp: ramps.append(ramp))
+    args = ["--run-dir", str(tmp_path / "run"), f"data.root={sysu_root}", *TINY_CHECKPOINT_RUN, *SHARED_ONLY,
+            "train.iters_per_epoch=3", f"train.grl_schedule={schedule}"]
+    assert train_main(args) == 0
+    assert ramps == ([dann_ramp(step / 3) for step in range(3)] if schedule == "dann" else [])

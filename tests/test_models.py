@@ -15,7 +15,7 @@ from cmssft.losses import build_criterion
 from cmssft.models import CmSSFT, build_model
 from cmssft.models import backbone as backbone_module
 from cmssft.models.backbone import resnet_stages
-from cmssft.models.heads import ModalityDiscriminator, Projector, grad_reverse
+from cmssft.models.heads import ModalityDiscriminator, Projector, dann_ramp, grad_reverse, set_reversal_ramp
 from cmssft.registry import MODELS
 
 NUM_CLASSES = 4
@@ -174,6 +174,28 @@ def test_gradient_reversal_sign_and_scale():
     weight = torch.randn(5, 3)
     (grad_reverse(x, 0.7) * weight).sum().backward()
     assert torch.allclose(x.grad, -0.7 * weight)
+
+
+def test_the_reversal_ramp_scales_only_what_reaches_the_extractor():
+    def grads(ramp):
+        torch.manual_seed(0)
+        head = ModalityDiscriminator(6, hidden=8, grl_scale=0.5)
+        set_reversal_ramp(head, ramp)
+        h = torch.randn(4, 6, requires_grad=True)
+        torch.nn.functional.cross_entropy(head(h), torch.tensor([0, 1, 0, 1])).backward()
+        return h.grad, head.net[0].weight.grad
+
+    (full, head_full), (quarter, head_quarter) = grads(1.0), grads(0.25)
+    assert torch.allclose(quarter, 0.25 * full) and full.abs().sum() > 0
+    assert torch.equal(head_quarter, head_full)  # the head itself always learns at full strength
+    assert torch.equal(grads(0.0)[0], torch.zeros_like(full))
+
+
+def test_the_dann_ramp_rises_from_0_to_1():
+    values = [dann_ramp(p / 12) for p in range(13)]
+    assert values[0] == 0.0 and values[-1] > 0.9999 and values == sorted(values)
+    assert dann_ramp(1 / 6) == pytest.approx(0.682, abs=1e-3) and dann_ramp(0.5) == pytest.approx(0.987, abs=1e-3)
+    assert dann_ramp(-1.0) == 0.0 and dann_ramp(2.0) == dann_ramp(1.0)  # clamped to [0, 1]
 
 
 def test_modality_discriminator_reverses_only_the_extractor_side():
