@@ -16,7 +16,7 @@ from torch import nn
 
 class _GradReverse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         ctx.scale = scale
         return x.view_as(x)
 
@@ -25,7 +25,7 @@ class _GradReverse(torch.autograd.Function):
         return grad.neg() * ctx.scale, None
 
 
-def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def grad_reverse(x: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Identity forward; backward multiplies the gradient by ``-scale``."""
     return _GradReverse.apply(x, scale)
 
@@ -40,7 +40,8 @@ class GradientReversal(nn.Module):
     def __init__(self, scale: float = 1.0) -> None:
         super().__init__()
         self.scale = scale
-        self.ramp = 1.0
+        # a tensor changed in place, not a Python float: torch.compile would recompile for every new value
+        self.register_buffer("ramp", torch.ones(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return grad_reverse(x, self.scale * self.ramp)
@@ -54,7 +55,7 @@ def set_reversal_ramp(model: nn.Module, ramp: float) -> None:
     whatever the ramp: only the gradient reaching the extractor is scaled)."""
     for module in model.modules():
         if isinstance(module, GradientReversal):
-            module.ramp = ramp
+            module.ramp.fill_(ramp)
 
 
 def dann_ramp(progress: float, gamma: float = 10.0) -> float:
