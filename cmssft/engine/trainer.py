@@ -243,12 +243,16 @@ class Trainer:
         return self._iters if self._iters is not None else len(self.loader)
 
     @property
+    def total_steps(self) -> int:
+        return self.cfg.train.epochs * self.iters_per_epoch
+
+    @property
     def finished(self) -> bool:
         return self.state.epoch >= self.cfg.train.epochs
 
     def fit(self) -> TrainState:
         """Train to ``train.epochs``; SIGINT/SIGTERM save ``last.pth`` and raise :class:`TrainingInterrupted`."""
-        total = self.cfg.train.epochs * self.iters_per_epoch
+        total = self.total_steps
         initial = self.state.epoch * self.iters_per_epoch + self.state.batch
         bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=not self.dist.is_main)
         if self.dist.is_main:
@@ -348,7 +352,7 @@ class Trainer:
         """
         images, labels, modality = batch if isinstance(batch, DeviceBatch) else self.to_device(batch)
         if self.cfg.train.grl_schedule == "dann":
-            progress = self.state.step / max(1, self.cfg.train.epochs * self.iters_per_epoch)
+            progress = self.state.step / max(1, self.total_steps)
             set_reversal_ramp(self.model, dann_ramp(progress))
         with self.phase("forward"):
             with torch.autocast(
