@@ -11,15 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cmssft.errors import UserError
-from cmssft.models.sstn import (
-    SSTN,
-    Graph,
-    affinity_stats,
-    edge_weights,
-    propagate,
-    top_k,
-    unify,
-)
+from cmssft.models.affinity_graph import Graph, affinity_stats, edge_weights, propagate, top_k, unify
+from cmssft.models.sstn import SSTN
 from cmssft.models.sstn_reference import to_dense
 from cmssft.utils.host_reads import count_host_reads
 

@@ -15,7 +15,7 @@ import torch
 
 from cmssft.evaluation.evaluator import Evaluator, cosine_blocks, cosine_distance
 from cmssft.evaluation.metrics import DistanceBlocks, evaluate_ranking
-from cmssft.models.sstn import top_k
+from cmssft.models.affinity_graph import top_k
 from cmssft.models.sstn_reference import dense_distance
 
 from .conftest import REPO_ROOT

@@ -27,8 +27,10 @@ Test time: :meth:`SSTN.distance_blocks` (or :meth:`SSTN.distance` for the full m
 ``transductive`` or ``single_query`` mode. The graph is built ``chunk`` rows at a time against all
 nodes, so memory grows with N k + N D + chunk N, never N^2; distances come out in query blocks
 ``[rows, G]`` (:class:`~cmssft.evaluation.metrics.DistanceBlocks`), which also carry the kept test
-edges for :mod:`cmssft.evaluation.graph_stats`. The dense ``N x N`` reference used to check all
-of this lives in :mod:`cmssft.models.sstn_reference`.
+edges for :mod:`cmssft.evaluation.graph_stats`. The graph's building blocks (nodes, top-k, weights,
+propagation) live in :mod:`cmssft.models.affinity_graph`, the exact one-pass single-query scoring in
+:mod:`cmssft.models.sstn_single_query`, and the dense ``N x N`` reference used to check all of this in
+:mod:`cmssft.models.sstn_reference`.
 """
 
 from __future__ import annotations
@@ -42,42 +44,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmssft.errors import UserError
-from cmssft.evaluation.graph_stats import KeptEdges, edge_statistics
 from cmssft.evaluation.metrics import DistanceBlocks
+from cmssft.models.affinity_graph import (
+    NEG_INF,
+    Graph,
+    Nodes,
+    affinity_stats,
+    edge_weights,
+    propagate,
+    row_layout,
+    slice_nodes,
+    take_nodes,
+    top_k,
+    unify,
+)
 from cmssft.models.candidate_memory import CandidateMemory
 from cmssft.models.neck import BNNeck
+from cmssft.models.sstn_single_query import single_query_distance
 
-_EPS = 1e-6
 MODES = ("transductive", "single_query", "off")
-_NEG_INF = float("-inf")
-
-
-class Nodes(NamedTuple):
-    """Graph nodes: unified features ``x [N, D]``, unit affinity embeddings ``sh``/``sp`` ``[N, E]``
-    (``sp`` None without a specific branch) and ``modality`` long ``[N]``."""
-
-    x: torch.Tensor
-    sh: torch.Tensor
-    sp: torch.Tensor | None
-    modality: torch.Tensor
-
-
-class Graph(NamedTuple):
-    """Sparse row-normalised affinity: row i keeps ``index[i]`` (``[N, k]``, block by block, each
-    block sorted by decreasing similarity, ties to the lower node id) with weights ``weight[i]`` and
-    similarities ``value[i]`` (``-inf`` marks padding, whose weight is 0)."""
-
-    index: torch.Tensor
-    weight: torch.Tensor
-    value: torch.Tensor
-
-    @property
-    def valid(self) -> torch.Tensor:
-        return self.value > _NEG_INF
-
-    def edges(self, offset: int = 0) -> KeptEdges:
-        """The kept edges for :mod:`~cmssft.evaluation.graph_stats`, node ids shifted by ``offset``."""
-        return KeptEdges(self.index + offset, self.weight, self.valid)
 
 
 class BatchTransfer(NamedTuple):
@@ -94,166 +79,6 @@ class BatchTransfer(NamedTuple):
     def stats(self) -> dict[str, torch.Tensor]:
         """:func:`affinity_stats` of the graph."""
         return affinity_stats(self.graph, self.column_modality, self.column_labels)
-
-
-class _Block(NamedTuple):
-    """One block of a kept row: ``kind`` (``all``, ``intra`` or ``cross``) over columns ``start..start+width``."""
-
-    kind: str
-    start: int
-    width: int
-
-
-def _row_layout(topk: int, cross_k: int) -> tuple[_Block, ...]:
-    """The blocks of a kept row: one ``all`` block (``cross_k = 0``), else intra then cross."""
-    if cross_k == 0:
-        return (_Block("all", 0, topk),)
-    return (_Block("intra", 0, topk - cross_k), _Block("cross", topk - cross_k, cross_k))
-
-
-class _GalleryParts(NamedTuple):
-    """Single-query scoring's per-gallery-row terms when the query would enter block ``block`` of a
-    row: ``[G, D']`` descriptors ``u`` (the block's k-1 kept, scaled) and ``c`` (block without
-    messages), their ``[G]`` products, the block's share ``share`` of the row's weight, the
-    similarity ``kth`` the query must reach (``-inf``: the block has room), and the weight mass of
-    the block's normalisation group once the k-th has left (``mass``)."""
-
-    block: _Block
-    u: torch.Tensor
-    c: torch.Tensor
-    uu: torch.Tensor
-    cc: torch.Tensor
-    uc: torch.Tensor
-    share: torch.Tensor
-    kth: torch.Tensor
-    mass: torch.Tensor
-
-
-def _slice(nodes: Nodes, start: int, stop: int) -> Nodes:
-    return Nodes(*(t[start:stop] if t is not None else None for t in nodes))
-
-
-def _take(nodes: Nodes, ids: torch.Tensor) -> Nodes:
-    return Nodes(*(t.index_select(0, ids) if t is not None else None for t in nodes))
-
-
-def unify(
-    shared: torch.Tensor, specific: torch.Tensor | None, modality: torch.Tensor, num_modalities: int = 2
-) -> torch.Tensor:
-    """Zero-padded unified features ``[h_sh, h_sp_0, ..., h_sp_{M-1}]``, only the own slot filled."""
-    if specific is None:
-        return shared
-    slots = [specific * (modality == m).unsqueeze(1).to(specific.dtype) for m in range(num_modalities)]
-    return torch.cat([shared, *slots], dim=1)
-
-
-def _raw_weights(value: torch.Tensor, normalize: str, temperature: float) -> torch.Tensor:
-    """Unnormalised positive weights of kept similarities ``[N, k]``, 0 for padding; softmax terms are
-    relative to each row's largest valid value (so only ratios within a row are meaningful)."""
-    value = value.float()
-    valid = value > _NEG_INF
-    if value.shape[1] == 0:
-        return value
-    if normalize == "softmax":
-        top = value.max(dim=1, keepdim=True).values.clamp_min(-1e30)  # a row of padding only: any finite
-        return torch.exp((value - top) / temperature) * valid
-    if normalize == "sum":
-        return ((1.0 + value) / 2.0).clamp_min(_EPS) * valid
-    raise ValueError(f"unknown normalisation {normalize!r}")
-
-
-def edge_weights(
-    value: torch.Tensor, normalize: str, temperature: float, shares: list[tuple[int, int, float]] | None = None
-) -> torch.Tensor:
-    """Row-normalise kept similarities ``[N, k]``: softmax(S / T), or (1 + S) / 2 over its row sum.
-
-    Padding (``-inf``) gets weight 0; a row without valid entries gets all zeros. ``shares``
-    (``(start, width, share)`` per block) normalises each block apart, block b carrying ``share``
-    of the row, the shares renormalised over the row's non-empty blocks.
-    """
-    if value.shape[1] == 0:
-        return value.float()
-    if shares is None:
-        return _normalise(_raw_weights(value, normalize, temperature))
-    parts, masses = [], []
-    for start, width, share in shares:
-        raw = _raw_weights(value[:, start : start + width], normalize, temperature)
-        parts.append(_normalise(raw))
-        masses.append(share * (raw.sum(dim=1, keepdim=True) > 0).float())
-    total = torch.stack(masses).sum(dim=0).clamp_min(1e-12)
-    return torch.cat([w * (m / total) for w, m in zip(parts, masses, strict=True)], dim=1)
-
-
-def _normalise(raw: torch.Tensor) -> torch.Tensor:
-    return raw / raw.sum(dim=1, keepdim=True).clamp_min(1e-30)
-
-
-# Rows at most this wide are simply sorted; wider rows go through torch.topk (O(m), not O(m log m)).
-_SORT_MAX_COLS = 256
-
-
-def top_k(
-    similarity: torch.Tensor, k: int, columns: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exactly ``k`` largest entries per row, ties broken towards the lower column (stable sort);
-    ``k`` beyond the row's width pads with ``-inf`` values (index 0).
-
-    ``columns`` (a permutation, ``[m]``): column j of ``similarity`` is node ``columns[j]``; the
-    returned indices are then node ids, and ties go to the lower node id.
-
-    Wide rows: ``torch.topk`` keeps k + 1 entries; a row whose (k+1)-th value equals its k-th (a
-    tie across the cut, where node order decides) falls back to the stable sort in node order. The
-    others keep their k nodes, put in id order and then stably sorted by value, so equal values
-    inside the kept set are in id order too.
-    """
-    n, m = similarity.shape
-    if k > m:
-        value, index = top_k(similarity, m, columns)
-        pad = k - m
-        return (
-            torch.cat([value, value.new_full((n, pad), _NEG_INF)], dim=1),
-            torch.cat([index, index.new_zeros((n, pad))], dim=1),
-        )
-    if m <= _SORT_MAX_COLS or k == 0 or k >= m:
-        value, index = torch.sort(_in_node_order(similarity, columns), dim=1, descending=True, stable=True)
-        return value[:, :k], index[:, :k]
-    value, index = torch.topk(similarity, k + 1, dim=1, sorted=True)
-    tied = value[:, k] == value[:, k - 1]
-    value, index = value[:, :k], index[:, :k] if columns is None else columns[index[:, :k]]
-    index, pos = index.sort(dim=1)
-    value = value.gather(1, pos)
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        exact = torch.sort(_in_node_order(similarity[rows], columns), dim=1, descending=True, stable=True)
-        index[rows], pos = exact.indices[:, :k].sort(dim=1)
-        value[rows] = exact.values[:, :k].gather(1, pos)
-    order = torch.sort(value, dim=1, descending=True, stable=True).indices
-    return value.gather(1, order), index.gather(1, order)
-
-
-def _in_node_order(similarity: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
-    if columns is None:
-        return similarity
-    return torch.empty_like(similarity).index_copy_(1, columns, similarity)
-
-
-def propagate(graph: Graph, x: torch.Tensor) -> torch.Tensor:
-    """``z = A x`` for a sparse ``A``: ``[N, k]`` graph and ``[M, D]`` features -> ``[N, D]``."""
-    return (graph.weight.to(x.dtype).unsqueeze(-1) * x[graph.index]).sum(dim=1)
-
-
-def affinity_stats(
-    graph: Graph, modality: torch.Tensor, labels: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
-    """Training-graph statistics for logging (:func:`~cmssft.evaluation.graph_stats.edge_statistics`
-    under ``sstn/``) plus the mean kept similarity; detached 0-d tensors on the graph's device, nan
-    where nothing was counted (nothing is read back here: the trainer reads them at its log steps)."""
-    with torch.no_grad():
-        values = edge_statistics(graph.edges(), modality, labels, on_device=True).items()
-        stats = {f"sstn/{k}": v for k, v in values}
-        valid = graph.valid
-        stats["sstn/kept_similarity"] = (graph.value.float() * valid).sum() / valid.sum().clamp_min(1)
-    return stats
 
 
 class SSTN(nn.Module):
@@ -344,7 +169,7 @@ class SSTN(nn.Module):
         self.affinity_dim = affinity_dim
         self.test_intra_k = test_intra_k if cross_k > 0 else 0
         self.memory = CandidateMemory(memory, dim, use_specific) if memory > 0 else None
-        self.blocks = _row_layout(topk, cross_k)
+        self.blocks = row_layout(topk, cross_k)
 
     # ------------------------------------------------------------------ building blocks
 
@@ -357,7 +182,7 @@ class SSTN(nn.Module):
         view = copy.copy(self)
         view.topk = self.topk + self.test_intra_k
         view.block_norm, view.test_intra_k = True, 0
-        view.blocks = _row_layout(view.topk, self.cross_k)
+        view.blocks = row_layout(view.topk, self.cross_k)
         # own-modality similarities use the specific cosine too, unless a learned specific transform
         # would be needed and training (cross neighbours only) never built one
         view.specific_affinity = self.use_specific and (self.affinity_dim == 0 or self.proj_sp is not None)
@@ -403,14 +228,15 @@ class SSTN(nn.Module):
         return torch.where(same, intra, inter)
 
     @property
-    def _shares(self) -> list[tuple[int, int, float]] | None:
+    def block_shares(self) -> list[tuple[int, int, float]] | None:
+        """``(start, width, share)`` per block of a kept row when blocks are weighted apart, else None."""
         if not self.block_norm or len(self.blocks) == 1:
             return None
         return [(b.start, b.width, b.width / self.topk) for b in self.blocks]
 
     def weights(self, value: torch.Tensor) -> torch.Tensor:
         """Edge weights of kept similarities laid out in :attr:`blocks`."""
-        return edge_weights(value, self.normalize, self.temperature, self._shares)
+        return edge_weights(value, self.normalize, self.temperature, self.block_shares)
 
     def select(self, similarity: torch.Tensor, same: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept ``(value, index)`` ``[n, topk]`` of a similarity block whose excluded entries are ``-inf``;
@@ -419,7 +245,7 @@ class SSTN(nn.Module):
         for block in self.blocks:
             s = similarity
             if block.kind != "all":
-                s = similarity.masked_fill(~same if block.kind == "intra" else same, _NEG_INF)
+                s = similarity.masked_fill(~same if block.kind == "intra" else same, NEG_INF)
             parts.append(top_k(s, block.width))
         return torch.cat([v for v, _ in parts], dim=1), torch.cat([i for _, i in parts], dim=1)
 
@@ -427,7 +253,7 @@ class SSTN(nn.Module):
         """``T_k`` then row normalisation; row i is node ``row_offset + i`` of the column set."""
         if not self.self_loops:
             similarity = similarity.clone()
-            similarity.diagonal(offset=row_offset).fill_(_NEG_INF)
+            similarity.diagonal(offset=row_offset).fill_(NEG_INF)
         value, index = self.select(similarity, same)
         return Graph(index, self.weights(value), value)
 
@@ -466,7 +292,7 @@ class SSTN(nn.Module):
                 None if specific is None else torch.cat([specific, mem_specific.to(specific.dtype)]),
                 torch.cat([modality, mem_modality]),
             )
-            nodes = _slice(cols, 0, rows)
+            nodes = slice_nodes(cols, 0, rows)
             col_labels = None if labels is None else torch.cat([labels, mem_labels])
         else:
             nodes = cols = self.nodes(shared, specific, modality)
@@ -515,9 +341,9 @@ class SSTN(nn.Module):
         g = view.nodes(*gallery)
         if mode == "transductive":
             return view._transductive(q, g)
-        return view._single_query(q, g)
+        return single_query_distance(view, q, g)
 
-    def _row_blocks(self, nodes: Nodes) -> Iterator[tuple[torch.Tensor, Nodes, Graph]]:
+    def row_blocks(self, nodes: Nodes) -> Iterator[tuple[torch.Tensor, Nodes, Graph]]:
         """``(ids [b], rows, graph [b, topk] of those rows against every node)`` for blocks of at most
         ``chunk`` rows, together covering every node once; one ``[chunk, N]`` similarity block at a time.
 
@@ -542,11 +368,11 @@ class SSTN(nn.Module):
                 if sp is not None:  # intra-modality: (shared cosine + specific cosine) / 2
                     s[:, first:last].addmm_(sp[start:stop], sp[first:last].T, beta=0.5, alpha=0.5)
                 if not self.self_loops:
-                    s.diagonal(offset=start).fill_(_NEG_INF)
+                    s.diagonal(offset=start).fill_(NEG_INF)
                 value, index = self._select_grouped(s, first, last, order)
                 ids = order[start:stop]
                 graph = Graph(index, self.weights(value), value)
-                yield ids, _take(nodes, ids), graph
+                yield ids, take_nodes(nodes, ids), graph
 
     def _select_grouped(
         self, s: torch.Tensor, first: int, last: int, order: torch.Tensor
@@ -561,24 +387,30 @@ class SSTN(nn.Module):
                 value, index = top_k(s[:, first:last], block.width)
                 parts.append((value, order[first:last][index]))
             else:
-                s[:, first:last] = _NEG_INF
+                s[:, first:last] = NEG_INF
                 parts.append(top_k(s, block.width, order))
         return torch.cat([v for v, _ in parts], dim=1), torch.cat([i for _, i in parts], dim=1)
 
-    def _transductive(self, q: Nodes, g: Nodes) -> DistanceBlocks:
-        nodes = Nodes(*(torch.cat([a, b]) if a is not None else None for a, b in zip(q, g, strict=True)))
+    def describe(self, nodes: Nodes) -> tuple[torch.Tensor, Graph]:
+        """One graph over ``nodes``: every node's fused descriptor ``[N, D']`` (float32) and the graph
+        itself (``[N, topk]``, rows in node order), built :attr:`chunk` rows at a time."""
         n = nodes.x.shape[0]
         feats = nodes.x.new_empty(n, self.out_dim, dtype=torch.float32)
         index = torch.zeros(n, self.topk, dtype=torch.long, device=nodes.x.device)
         weight = feats.new_zeros(n, self.topk)
-        value = feats.new_full((n, self.topk), _NEG_INF)
-        for ids, rows, graph in self._row_blocks(nodes):
+        value = feats.new_full((n, self.topk), NEG_INF)
+        for ids, rows, graph in self.row_blocks(nodes):
             feats[ids] = self.descriptor(rows.x, propagate(graph, nodes.x)).float()
             index[ids], weight[ids], value[ids] = graph.index, graph.weight.float(), graph.value.float()
+        return feats, Graph(index, weight, value)
+
+    def _transductive(self, q: Nodes, g: Nodes) -> DistanceBlocks:
+        nodes = Nodes(*(torch.cat([a, b]) if a is not None else None for a, b in zip(q, g, strict=True)))
+        feats, graph = self.describe(nodes)
         feats = F.normalize(feats, dim=1)
         num_q = q.x.shape[0]
         f_q, f_g = feats[:num_q], feats[num_q:]
-        edges = Graph(index, weight, value).edges()
+        edges = graph.edges()
         return DistanceBlocks(
             (num_q, f_g.shape[0]),
             lambda start, stop: 1.0 - f_q[start:stop] @ f_g.T,
@@ -586,217 +418,3 @@ class SSTN(nn.Module):
             device=feats.device,
             edges=lambda: edges,
         )
-
-    # ------------------------------------------------------------------ single query
-
-    def _single_query(self, q: Nodes, g: Nodes) -> DistanceBlocks:
-        gallery_graph = _GalleryGraph.build(self, g)
-        parts = [self._gallery_parts(g, gallery_graph, block) for block in self._blocks_a_query_enters(q, g)]
-        num_q = q.x.shape[0]
-
-        def block(start: int, stop: int) -> torch.Tensor:
-            return 1.0 - self._single_query_cosine(_slice(q, start, stop), g, gallery_graph, parts)
-
-        def edges() -> KeptEdges:
-            parts = []
-            for start in range(0, num_q, self.chunk):
-                stop = min(start + self.chunk, num_q)
-                graph = self._query_graph(_slice(q, start, stop), g)[1]
-                own = torch.arange(start, stop, device=graph.index.device).unsqueeze(1)  # self loop: index -1
-                parts.append(KeptEdges(torch.where(graph.index < 0, own, graph.index + num_q), graph.weight,
-                                       graph.valid))
-            parts.append(gallery_graph.graph.edges(offset=num_q))
-            return KeptEdges(*(torch.cat([p[i] for p in parts]) for i in range(3)))
-
-        return DistanceBlocks((num_q, g.x.shape[0]), block, block_rows=self.chunk, device=g.x.device, edges=edges)
-
-    def _blocks_a_query_enters(self, q: Nodes, g: Nodes) -> list[_Block]:
-        """The blocks of gallery rows that some query can enter: all, or intra/cross by modality pairs."""
-        q_mods, g_mods = set(q.modality.unique().tolist()), set(g.modality.unique().tolist())
-        needed = []
-        for block in self.blocks:
-            if block.width == 0:
-                continue
-            if block.kind == "all" or (block.kind == "intra" and q_mods & g_mods) or (
-                block.kind == "cross" and any(a != b for a in q_mods for b in g_mods)
-            ):
-                needed.append(block)
-        return needed
-
-    def _gallery_parts(self, g: Nodes, gg: _GalleryGraph, block: _Block) -> _GalleryParts:
-        """The affine parts of every gallery row's descriptor once a query enters ``block``.
-
-        With the query entered, the block keeps its first ``width - 1`` gallery neighbours and the
-        query (the ``width``-th leaves; if the block had room, nothing leaves: its last column is
-        padding). The row's message is then ``Z_other + share (alpha z_red + (1 - alpha) x_q)``
-        where ``z_red`` is the normalised message of the query's normalisation group without the
-        query and ``alpha`` that group's weight share left to it, so the descriptor is
-        ``alpha u + (1 - alpha) (c + share m_q)`` with ``u = D(x, Z_other + share z_red)``,
-        ``c = D(x, Z_other)``, ``m_q = M x_q`` (D affine: ``D(x, z) = L x + M z + b``).
-        """
-        graph, x = gg.graph, g.x
-        last = block.start + block.width - 1
-        kept = torch.ones_like(graph.valid)
-        kept[:, last] = False  # the block's width-th, which the query evicts
-        value = graph.value.masked_fill(~kept, _NEG_INF)
-        if self._shares is None:  # one normalisation group: the whole row
-            group = value
-            z_red = propagate(Graph(graph.index, edge_weights(value, self.normalize, self.temperature), value), x)
-            z_other, share = torch.zeros_like(z_red), torch.ones(x.shape[0], device=x.device)
-        else:
-            group = value[:, block.start : block.start + block.width]
-            z_other, share = self._other_blocks(graph, x, block)
-            blk = Graph(graph.index[:, block.start : block.start + block.width],
-                        edge_weights(group, self.normalize, self.temperature), group)
-            z_red = propagate(blk, x)
-        share_col = share.unsqueeze(1).to(x.dtype)
-        u = self.descriptor(x, z_other + share_col * z_red).float()
-        c = self.descriptor(x, z_other).float()
-        return _GalleryParts(
-            block=block,
-            u=u,
-            c=c,
-            uu=(u * u).sum(1),
-            cc=(c * c).sum(1),
-            uc=(u * c).sum(1),
-            share=share.float(),
-            kth=graph.value[:, last].float(),
-            mass=self._mass(group),
-        )
-
-    def _other_blocks(self, graph: Graph, x: torch.Tensor, entered: _Block) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block-normalised rows once the query enters ``entered``: the other blocks' message ``[G, D]``
-        and the entered block's share ``[G]`` (shares renormalised over the blocks then non-empty)."""
-        valid = graph.valid
-        masses, messages = [], []
-        for block in self.blocks:
-            cols = slice(block.start, block.start + block.width)
-            nonempty = valid[:, cols].any(dim=1) if block is not entered else torch.ones_like(valid[:, 0])
-            masses.append(block.width / self.topk * nonempty.float())
-            if block is entered:
-                messages.append(None)
-                continue
-            value = graph.value[:, cols]
-            sub = Graph(graph.index[:, cols], edge_weights(value, self.normalize, self.temperature), value)
-            messages.append(propagate(sub, x))
-        total = torch.stack(masses).sum(dim=0).clamp_min(1e-12)
-        z_other = torch.zeros_like(x)
-        for mass, message in zip(masses, messages, strict=True):
-            if message is not None:
-                z_other = z_other + (mass / total).unsqueeze(1).to(x.dtype) * message
-        share = masses[self.blocks.index(entered)] / total
-        return z_other, share
-
-    def _single_query_cosine(
-        self, rows: Nodes, g: Nodes, gg: _GalleryGraph, parts: list[_GalleryParts]
-    ) -> torch.Tensor:
-        """Cosine ``[B, G]`` of each query of ``rows`` with every gallery row of its one-query graph.
-
-        A query changes a gallery row's descriptor only where it enters that row's block for the
-        query's modality (``s >= kth`` of that block): every pair gets the product with the unchanged
-        descriptor, and only the entered pairs are recomputed. Their four dot products come from the
-        gathered rows when they are few, else from whole-block products.
-        """
-        s_qg = self._query_similarity(rows, g).float()  # S is symmetric: s(g, q) = s(q, g)
-        f_q = F.normalize(self._query_graph(rows, g, s_qg)[0].float(), dim=1)
-        zero = torch.zeros_like(rows.x)
-        m = (self.descriptor(zero, rows.x) - self.descriptor(zero, zero)).float()
-        cos = f_q @ gg.f0_unit.T
-        same = rows.modality.unsqueeze(1) == g.modality.unsqueeze(0)
-        for p in parts:
-            enters = s_qg >= p.kth.unsqueeze(0)  # the query has index 0: it wins ties
-            if p.block.kind == "intra":
-                enters &= same
-            elif p.block.kind == "cross":
-                enters &= ~same
-            qi, gj = enters.nonzero(as_tuple=True)
-            if len(qi):
-                cos[qi, gj] = self._entered_cosine(f_q, m, p, qi, gj, s_qg[qi, gj], cos.numel())
-        return cos
-
-    def _entered_cosine(
-        self, f_q: torch.Tensor, m: torch.Tensor, p: _GalleryParts, qi: torch.Tensor, gj: torch.Tensor,
-        s_new: torch.Tensor, block_size: int,
-    ) -> torch.Tensor:
-        """Cosine of the pairs ``(qi, gj)`` whose gallery row takes the query in: the row's descriptor is
-        ``alpha u + (1 - alpha) (c + share m_q)``."""
-        if len(qi) * f_q.shape[1] <= block_size:
-            fq_i, m_i, u_j, c_j = f_q[qi], m[qi], p.u[gj], p.c[gj]
-            fu, fc, mu, mc = ((a * b).sum(1) for a, b in ((fq_i, u_j), (fq_i, c_j), (m_i, u_j), (m_i, c_j)))
-        else:
-            pairs = ((f_q, p.u), (f_q, p.c), (m, p.u), (m, p.c))
-            fu, fc, mu, mc = ((a @ b.T)[qi, gj] for a, b in pairs)
-        alpha = self._alpha(p.mass[gj], s_new)
-        beta, share = 1 - alpha, p.share[gj]
-        dot = alpha * fu + beta * (fc + share * (f_q * m).sum(1)[qi])
-        norm = (
-            alpha**2 * p.uu[gj]
-            + beta**2 * (p.cc[gj] + 2 * share * mc + share**2 * (m * m).sum(1)[qi])
-            + 2 * alpha * beta * (p.uc[gj] + share * mu)
-        )
-        return dot / norm.clamp_min(1e-12).sqrt()
-
-    def _query_similarity(self, rows: Nodes, g: Nodes) -> torch.Tensor:
-        """:meth:`similarity` of a query block with the gallery; a block that shares no modality with
-        the gallery (the usual cross-modality query) needs the shared product alone."""
-        if rows.sp is None or set(g.modality.unique().tolist()).isdisjoint(rows.modality.unique().tolist()):
-            return rows.sh @ g.sh.T
-        return self.similarity(rows, g)
-
-    def _mass(self, value: torch.Tensor) -> torch.Tensor:
-        """Weight mass of kept similarities (``-inf`` padding excluded): log-sum-exp for softmax, sum for sum."""
-        value = value.float()
-        if self.normalize == "softmax":
-            return torch.logsumexp(value / self.temperature, dim=1)  # -inf for a row of padding
-        return (((1.0 + value) / 2.0).clamp_min(_EPS) * (value > _NEG_INF)).sum(dim=1)
-
-    def _alpha(self, mass: torch.Tensor, s_new: torch.Tensor) -> torch.Tensor:
-        """Share of a group's weight left on its kept neighbours once a node of similarity ``s_new`` joins."""
-        if self.normalize == "softmax":
-            return torch.sigmoid(mass - s_new / self.temperature)
-        w_new = ((1.0 + s_new) / 2.0).clamp_min(_EPS)
-        return mass / (mass + w_new)
-
-    def _query_graph(
-        self, rows: Nodes, g: Nodes, s_qg: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, Graph]:
-        """Fused descriptor of each query with the gallery (and itself if self loops) as candidates, and
-        its kept edges (gallery nodes numbered from 0; with self loops, the query itself is ``-1``)."""
-        if s_qg is None:
-            s_qg = self._query_similarity(rows, g).float()
-        same = rows.modality.unsqueeze(1) == g.modality.unsqueeze(0)
-        if self.self_loops:  # the query is column 0, ahead of the gallery: it wins ties
-            s_self = self._self_similarity(rows).unsqueeze(1).float()
-            value, index = self.select(torch.cat([s_self, s_qg], dim=1), F.pad(same, (1, 0), value=True))
-            index = index - 1
-        else:
-            value, index = self.select(s_qg, same)
-        nb = g.x[index.clamp_min(0)]
-        nb = torch.where((index < 0).unsqueeze(-1), rows.x.unsqueeze(1), nb)
-        graph = Graph(index, self.weights(value), value)
-        return self.descriptor(rows.x, (graph.weight.to(nb.dtype).unsqueeze(-1) * nb).sum(dim=1)), graph
-
-    @staticmethod
-    def _self_similarity(rows: Nodes) -> torch.Tensor:
-        s = (rows.sh * rows.sh).sum(1)
-        return s if rows.sp is None else (s + (rows.sp * rows.sp).sum(1)) / 2
-
-
-class _GalleryGraph(NamedTuple):
-    """The gallery's graph among its own nodes (``[G, topk]``, node order) and the unit descriptor
-    ``f0_unit [G, D']`` of every gallery row that no query enters."""
-
-    graph: Graph
-    f0_unit: torch.Tensor
-
-    @classmethod
-    def build(cls, sstn: SSTN, g: Nodes) -> _GalleryGraph:
-        num_g = g.x.shape[0]
-        index = torch.zeros(num_g, sstn.topk, dtype=torch.long, device=g.x.device)
-        weight = g.x.new_zeros(num_g, sstn.topk, dtype=torch.float32)
-        value = g.x.new_full((num_g, sstn.topk), _NEG_INF, dtype=torch.float32)
-        f0 = g.x.new_empty(num_g, sstn.out_dim, dtype=torch.float32)
-        for ids, rows, graph in sstn._row_blocks(g):
-            f0[ids] = sstn.descriptor(rows.x, propagate(graph, g.x)).float()
-            index[ids], weight[ids], value[ids] = graph.index, graph.weight.float(), graph.value.float()
-        return cls(Graph(index, weight, value), f0 / f0.norm(dim=1, keepdim=True).clamp_min(1e-12))

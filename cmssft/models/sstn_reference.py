@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from cmssft.errors import UserError
-from cmssft.models.sstn import SSTN, Graph, Nodes, edge_weights
+from cmssft.models.affinity_graph import Graph, Nodes, edge_weights
+from cmssft.models.sstn import SSTN
 
 Triple = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
 
@@ -57,7 +58,7 @@ def dense_adjacency(sstn: SSTN, s: torch.Tensor, modality: torch.Tensor) -> torc
         values.append(value)
         indices.append(index)
     value, index = torch.cat(values, dim=1), torch.cat(indices, dim=1)
-    weight = edge_weights(value, sstn.normalize, sstn.temperature, sstn._shares)
+    weight = edge_weights(value, sstn.normalize, sstn.temperature, sstn.block_shares)
     return torch.zeros(n, n, dtype=weight.dtype, device=s.device).scatter_add(1, index, weight)
 
 
