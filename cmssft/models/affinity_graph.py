@@ -1,7 +1,7 @@
 """The SSTN's sparse affinity graph: nodes, kept rows laid out in blocks, exact top-k, edge weights,
 propagation and the training graph's statistics.
 
-Shapes (N nodes, M columns, k kept neighbours per row, C backbone width, D node feature width)::
+Shapes (N nodes, M columns, k kept neighbours per row, D node feature width, E affinity width)::
 
     Nodes.x            [N, D]   unified features (see :func:`unify`)
     Nodes.sh, Nodes.sp [N, E]   unit affinity embeddings (``sp`` None without a specific branch)
