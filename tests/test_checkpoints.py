@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmssft.engine.checkpoint import EVAL_KEYS, RESUME_KEYS, load_checkpoint, save_atomic
+from cmssft.engine.checkpoint import EVAL_KEYS, RESUME_KEYS, CheckpointSchedule, load_checkpoint, save_atomic
 from cmssft.errors import UserError
 
 from .conftest import REPO_ROOT
@@ -175,3 +175,29 @@ def test_a_full_disk_is_reported_as_one_and_keeps_the_previous_file(tmp_path, mo
     assert raised.value.errno == errno.ENOSPC
     assert torch.equal(load_checkpoint(path, need=("model",))["model"]["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+
+
+def test_the_checkpoint_schedule_counts_from_the_latest_write(monkeypatch):
+    """Either rule makes last.pth due, counted from the latest ``mark``; 0 turns a rule off."""
+    from cmssft.engine import checkpoint as checkpoint_module
+
+    now = [1000.0]
+    monkeypatch.setattr(checkpoint_module.time, "monotonic", lambda: now[0])
+    by_steps = CheckpointSchedule(minutes=0, steps=3)
+    by_steps.mark(5)
+    assert [by_steps.due(step) for step in (6, 7, 8, 9)] == [False, False, True, True]
+    by_steps.mark(8)
+    assert not by_steps.due(10) and by_steps.due(11)
+
+    by_clock = CheckpointSchedule(minutes=2, steps=0)
+    by_clock.mark(0)
+    now[0] += 119.0
+    assert not by_clock.due(10_000)  # no step rule
+    now[0] += 1.0
+    assert by_clock.due(1)
+    by_clock.mark(1)
+    assert not by_clock.due(2)
+
+    never = CheckpointSchedule(minutes=0, steps=0)
+    now[0] += 1e9
+    assert not never.due(10**9)

@@ -236,7 +236,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_resume_finishes(sysu_root, 
     one_step_epochs = ["train.iters_per_epoch=1", "train.checkpoint_steps=1"]
     args = ["--run-dir", str(run_dir), f"data.root={sysu_root}", *TINY_RUN, *one_step_epochs]
     monkeypatch.setattr(torch, "save", full_disk)
-    from cmssft.engine.trainer import CheckpointWriteError
+    from cmssft.engine.checkpoint import CheckpointWriteError
 
     with pytest.raises(CheckpointWriteError, match="No space left on device.*previous checkpoint is intact"):
         train_main(args)

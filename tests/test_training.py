@@ -147,18 +147,18 @@ def test_resume_of_a_finished_run_from_its_own_config_says_so(trained_run, capsy
     ],
 )
 def test_last_pth_is_written_on_its_schedule(tmp_path, sysu_root, monkeypatch, extra, expected):
-    from cmssft.engine import trainer as trainer_module
+    from cmssft.engine import checkpoint as checkpoint_module
 
     from .conftest import SHARED_ONLY
 
     written = []
-    real_save = trainer_module.save_atomic
+    real_save = checkpoint_module.save_atomic
 
     def recording_save(state, path):
         written.append((path.name, state["train_state"]["step"]))
         real_save(state, path)
 
-    monkeypatch.setattr(trainer_module, "save_atomic", recording_save)
+    monkeypatch.setattr(checkpoint_module, "save_atomic", recording_save)
     train(tmp_path / "run", sysu_root, *SHARED_ONLY, "train.eval_every=0", "eval.trials=1", *extra)
     assert written == expected
 

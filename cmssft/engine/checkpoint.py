@@ -12,14 +12,20 @@ crafted pickle is refused before any of its code runs. Two kinds exist:
 - ``last.pth`` (:data:`RESUME_KEYS`): everything a run needs to continue;
 - ``best.pth`` (:data:`EVAL_KEYS` plus ``train_state``): the weights and what
   rebuilding the model needs, no optimizer state.
+
+:class:`CheckpointSchedule` says when ``last.pth`` is due during training, and
+:func:`remove_stale_temporaries` clears what a kill left of an unfinished write.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import time
 import uuid
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,12 @@ LAST = "last.pth"
 BEST = "best.pth"
 EVAL_KEYS = ("model", "config", "num_classes")  # what evaluation and export need
 RESUME_KEYS = (*EVAL_KEYS, "optimizer", "scheduler", "scaler", "train_state", "rng")  # what --resume needs
+TEMPORARY_GLOB = ".*.pth.*.tmp"  # what save_atomic writes before its rename
+LOG = logging.getLogger("cmssft")
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is untouched."""
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
@@ -48,6 +60,47 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """:func:`save_atomic`, with a failed write (disk full, permissions) as a :class:`CheckpointWriteError`
+    that says the previous checkpoint is intact and how to go on."""
+    try:
+        save_atomic(state, path)
+    except OSError as err:
+        message = (
+            f"could not write {path} ({err.strerror or err}); the previous checkpoint is intact: "
+            "free space or fix permissions, then run again with --resume"
+        )
+        LOG.error("%s", message)
+        raise CheckpointWriteError(message) from err
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files of writes that a kill interrupted; the finished checkpoints never need them."""
+    for stale in folder.glob(TEMPORARY_GLOB):
+        LOG.info("removing %s, left by an interrupted checkpoint write", stale.name)
+        stale.unlink(missing_ok=True)
+
+
+@dataclass
+class CheckpointSchedule:
+    """When ``last.pth`` is due: ``minutes`` of wall clock or ``steps`` optimizer steps since the previous
+    one (``train.checkpoint_minutes`` / ``train.checkpoint_steps``; 0 turns a rule off)."""
+
+    minutes: float
+    steps: int
+    saved_clock: float = field(default_factory=time.monotonic)
+    saved_step: int = 0
+
+    def mark(self, step: int) -> None:
+        """``last.pth`` was written (or training starts) now, at ``step``."""
+        self.saved_clock, self.saved_step = time.monotonic(), step
+
+    def due(self, step: int) -> bool:
+        return (self.steps > 0 and step - self.saved_step >= self.steps) or (
+            self.minutes > 0 and time.monotonic() - self.saved_clock >= 60.0 * self.minutes
+        )
 
 
 class _WriteErrorRecorder:

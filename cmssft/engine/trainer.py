@@ -29,7 +29,6 @@ import itertools
 import logging
 import math
 import re
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,7 +44,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cmssft.config import Config, config_to_dict
 from cmssft.data.batch_augment import build_batch_augment
-from cmssft.engine.checkpoint import BEST, LAST, load_model_state, save_atomic
+from cmssft.engine.checkpoint import (
+    BEST,
+    LAST,
+    CheckpointSchedule,
+    load_model_state,
+    remove_stale_temporaries,
+    write_checkpoint,
+)
 from cmssft.engine.distributed import DistContext
 from cmssft.engine.metrics_log import MetricsLogger
 from cmssft.engine.optim import set_fused, skips_on_device
@@ -77,10 +83,6 @@ def finite(stats: dict[str, float]) -> dict[str, float]:
 
 class TrainingDiverged(UserError):
     """The loss stayed non-finite; the last good checkpoint is kept."""
-
-
-class CheckpointWriteError(UserError):
-    """A checkpoint could not be written (disk full, permissions); the previous one is untouched."""
 
 
 class DeviceBatch(NamedTuple):
@@ -171,7 +173,7 @@ class Trainer:
         self.bad_steps = 0
         self.latest_stats: dict[str, float] = {}
         self.signals = StopSignals()
-        self._saved_at = (time.monotonic(), 0)  # (clock, step) of the latest last.pth
+        self.checkpoints = CheckpointSchedule(cfg.train.checkpoint_minutes, cfg.train.checkpoint_steps)
         self._epoch_loss = (0.0, 0)  # (sum of total losses, steps) of the current epoch, for its summary line
 
     # ------------------------------------------------------------------ checkpoints
@@ -209,32 +211,10 @@ class Trainer:
     def save(self, name: str) -> Path:
         """``last.pth``: the whole resumable state; ``best.pth``: :meth:`best_state`."""
         path = self.run_dir / name
-        try:
-            save_atomic(self.best_state() if name == BEST else self.checkpoint_state(), path)
-        except OSError as err:
-            message = (
-                f"could not write {path} ({err.strerror or err}); the previous checkpoint is intact: "
-                "free space or fix permissions, then run again with --resume"
-            )
-            LOG.error("%s", message)
-            raise CheckpointWriteError(message) from err
+        write_checkpoint(self.best_state() if name == BEST else self.checkpoint_state(), path)
         if name == LAST:
-            self._saved_at = (time.monotonic(), self.state.step)
+            self.checkpoints.mark(self.state.step)
         return path
-
-    def checkpoint_due(self) -> bool:
-        """Whether ``train.checkpoint_minutes`` or ``train.checkpoint_steps`` has passed since last.pth."""
-        clock, step = self._saved_at
-        minutes, steps = self.cfg.train.checkpoint_minutes, self.cfg.train.checkpoint_steps
-        return (steps > 0 and self.state.step - step >= steps) or (
-            minutes > 0 and time.monotonic() - clock >= 60.0 * minutes
-        )
-
-    def remove_stale_temporaries(self) -> None:
-        """Temporary files of writes that a kill interrupted; the finished checkpoints never need them."""
-        for stale in self.run_dir.glob(".*.pth.*.tmp"):
-            LOG.info("removing %s, left by an interrupted checkpoint write", stale.name)
-            stale.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ loop
 
@@ -256,8 +236,8 @@ class Trainer:
         initial = self.state.epoch * self.iters_per_epoch + self.state.batch
         bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=not self.dist.is_main)
         if self.dist.is_main:
-            self.remove_stale_temporaries()
-        self._saved_at = (time.monotonic(), self.state.step)
+            remove_stale_temporaries(self.run_dir)
+        self.checkpoints.mark(self.state.step)
         try:
             with self.signals, logging_redirect_tqdm([LOG]):
                 while self.state.epoch < self.cfg.train.epochs:
@@ -280,7 +260,7 @@ class Trainer:
             self.run_step(batch, bar)
             if self.state.batch < self.iters_per_epoch:  # at the epoch's end, end_of_epoch saves first
                 self.stop_if_signalled()
-                if self.dist.is_main and self.checkpoint_due():
+                if self.dist.is_main and self.checkpoints.due(self.state.step):
                     self.save(LAST)
         self.read_back(bar)  # the epoch's last steps, before its summary line
 
@@ -506,7 +486,7 @@ class Trainer:
             if self.select_on is not None:
                 self.state.best_value = results[self.select_on]["mAP"]
             self.save(BEST)
-        if last or improved or self.checkpoint_due():
+        if last or improved or self.checkpoints.due(self.state.step):
             self.save(LAST)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
