@@ -66,15 +66,15 @@ def single_query_distance(sstn: SSTN, q: Nodes, g: Nodes) -> DistanceBlocks:
         return 1.0 - _single_query_cosine(sstn, slice_nodes(q, start, stop), g, gallery_graph, parts)
 
     def edges() -> KeptEdges:
-        parts = []
+        kept = []
         for start in range(0, num_q, sstn.chunk):
             stop = min(start + sstn.chunk, num_q)
             graph = _query_graph(sstn, slice_nodes(q, start, stop), g)[1]
             own = torch.arange(start, stop, device=graph.index.device).unsqueeze(1)  # self loop: index -1
-            parts.append(KeptEdges(torch.where(graph.index < 0, own, graph.index + num_q), graph.weight,
-                                   graph.valid))
-        parts.append(gallery_graph.graph.edges(offset=num_q))
-        return KeptEdges(*(torch.cat([p[i] for p in parts]) for i in range(3)))
+            kept.append(KeptEdges(torch.where(graph.index < 0, own, graph.index + num_q), graph.weight,
+                                  graph.valid))
+        kept.append(gallery_graph.graph.edges(offset=num_q))
+        return KeptEdges(*(torch.cat([e[i] for e in kept]) for i in range(3)))
 
     return DistanceBlocks((num_q, g.x.shape[0]), block, block_rows=sstn.chunk, device=g.x.device, edges=edges)
 
