@@ -301,9 +301,14 @@ def test_features_file_problems_are_named(features_setup, tmp_path, capsys):
     check("NaN or infinite values (e.g. cam3/0003/", paths=np.array(paths), features=nan)
     kept = [p for i, p in enumerate(paths) if i not in query]
     check(f"lacks {len(query)} of the sysu protocol's", paths=np.array(kept), features=feats[: len(kept)])
-    check("several rows for 1 of", paths=np.array(paths + [paths[query[0]]]), features=np.vstack([feats, feats[:1]]))
+    twice = paths[query[0]]
+    check(f"'paths' names {twice} twice (rows {query[0]} and {len(paths)})", paths=np.array(paths + [twice]),
+          features=np.vstack([feats, feats[:1]]))
+    unused = next(p for p in paths if p.startswith("cam1/0001/"))  # a training image, no protocol reads it
+    check(f"names {unused} twice", paths=np.array([unused, *paths]), features=np.vstack([feats[:1], feats]))
     check("'features' must be an N x D float array", paths=np.array(paths), features=feats.astype(np.int32))
     check("'paths' must be", paths=np.array(paths[:-1]), features=feats)
+    assert "is a directory" in user_error(eval_main, ["--config", str(cfg), "--features", str(tmp_path)], capsys)
     target.write_bytes(b"\x93NUMPY not a zip")
     assert "is not a .npz file" in user_error(eval_main, ["--config", str(cfg), "--features", str(target)], capsys)
 

@@ -160,6 +160,8 @@ def load_checkpoint(
     Anything but a readable cmssft checkpoint holding ``need`` is a one-line :class:`UserError`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory; give the checkpoint file in it (e.g. {path / 'best.pth'})")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:

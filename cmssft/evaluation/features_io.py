@@ -101,6 +101,8 @@ def load_features(path: str | Path) -> tuple[list[str], np.ndarray]:
 def read_feature_file(path: str | Path) -> FeatureFile:
     """Every part of a features file, checked; every problem is a one-line :class:`UserError`."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"features file {path} is a directory; give the .npz file itself")
     if not path.is_file():
         raise UserError(f"features file {path} does not exist")
     with open(path, "rb") as handle:
@@ -138,6 +140,7 @@ def read_feature_file(path: str | Path) -> FeatureFile:
         names = [p.decode() if isinstance(p, bytes) else str(p) for p in paths.tolist()]
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: 'paths' holds bytes that are not UTF-8 ({err.reason})") from None
+    _refuse_repeated_paths(path, names)
     data = FeatureFile(names, feats, _checked_specific(path, arrays.get("specific"), len(feats)),
                        _checked_modality(path, modality, len(feats)), _checked_config(path, config),
                        _checked_state(path, state))
@@ -145,6 +148,17 @@ def read_feature_file(path: str | Path) -> FeatureFile:
         raise UserError(f"{path}: '{SCORER_CONFIG}' describes a model with a specific branch, but the file has no "
                         f"'specific' array for its SSTN")
     return data
+
+
+def _refuse_repeated_paths(path: Path, names: Sequence[str]) -> None:
+    """One row per image: with two, which one a protocol would read is undefined."""
+    seen: dict[str, int] = {}
+    for row, name in enumerate(names):
+        key = _normalise(name)
+        if key in seen:
+            raise UserError(f"{path}: 'paths' names {name} twice (rows {seen[key]} and {row}); give each image "
+                            f"one row")
+        seen[key] = row
 
 
 def _checked_specific(path: Path, specific: np.ndarray | None, rows: int) -> np.ndarray | None:
