@@ -11,9 +11,16 @@ The evaluator knows nothing about models. It takes
   :class:`~cmssft.evaluation.metrics.DistanceBlocks` that computes query blocks
   ``[rows, G]`` on demand. It receives the bank sliced to the trial's query rows and
   gallery rows (same type as the bank: tensor or dict), so a transductive model can
-  build its graph from exactly that trial's query and gallery. With re-ranking on it is
-  also called as ``score_fn(query, query)`` and ``score_fn(gallery, gallery)``.
-  Default: :func:`cosine_blocks` on a plain tensor.
+  build its graph from exactly that trial's query and gallery. Default: :func:`cosine_blocks`
+  on a plain tensor.
+
+Re-ranking (k-reciprocal) needs query-query and gallery-gallery distances in the same space as the
+query-gallery ones. A :class:`~cmssft.evaluation.metrics.DistanceBlocks` result gives them itself
+(``within``): the transductive SSTN from its one graph over query + gallery, so all three come from
+the same descriptors. A result without ``within`` (the single-query SSTN, where each query has a
+graph of its own and two queries share none) cannot be re-ranked: a one-line ``UserError``. A plain
+tensor result is taken to come from a function of the two banks alone, which is then also called as
+``score_fn(query, query)`` and ``score_fn(gallery, gallery)``.
 
 Per trial it slices the bank, scores, optionally re-ranks and computes metrics; the
 bank itself is built once by the caller and reused by every trial. Blocks are ranked
@@ -32,8 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cmssft.errors import UserError
 from cmssft.evaluation.graph_stats import KeptEdges, trial_graph_statistics
-from cmssft.evaluation.metrics import MAX_RANK, DistanceBlocks, RankingMetrics, evaluate_ranking, full_distances
+from cmssft.evaluation.metrics import (
+    MAX_RANK,
+    DistanceBlocks,
+    RankingMetrics,
+    cosine_distance_blocks,
+    evaluate_ranking,
+    full_distances,
+)
 from cmssft.evaluation.protocols import Protocol, Trial
 from cmssft.evaluation.rerank import k_reciprocal_rerank
 
@@ -56,8 +71,7 @@ def cosine_distance(query: Bank, gallery: Bank) -> Tensor:
 
 def cosine_blocks(query: Bank, gallery: Bank) -> DistanceBlocks:
     """:func:`cosine_distance` as query blocks, so a large gallery never needs the (Q, G) matrix."""
-    q, g = _unit_rows(query, gallery)
-    return DistanceBlocks((len(q), len(g)), lambda start, stop: 1.0 - q[start:stop] @ g.T, device=q.device)
+    return cosine_distance_blocks(*_unit_rows(query, gallery))
 
 
 def bank_size(bank: Bank) -> int:
@@ -129,17 +143,31 @@ class Evaluator:
         may carry the test graph's edges."""
         q_idx = torch.as_tensor(trial.query_idx, dtype=torch.long)
         g_idx = torch.as_tensor(trial.gallery_idx, dtype=torch.long)
-        q_bank, g_bank = slice_bank(bank, q_idx), slice_bank(bank, g_idx)
+        return self.scored_pair(slice_bank(bank, q_idx), slice_bank(bank, g_idx))
+
+    def scored_pair(self, q_bank: Bank, g_bank: Bank) -> tuple[Tensor | DistanceBlocks, DistanceBlocks | None]:
+        """Distances of a query bank to a gallery bank ``(Q, G)``, re-ranked when enabled, and the score
+        function's own blocks."""
         q_g = self.score_fn(q_bank, g_bank)
-        expected = (len(q_idx), len(g_idx))
+        expected = (bank_size(q_bank), bank_size(g_bank))
         if tuple(q_g.shape) != expected:
             raise ValueError(f"score_fn returned shape {tuple(q_g.shape)}, expected (Q, G) = {expected}")
         raw = q_g if isinstance(q_g, DistanceBlocks) else None
         if self.rerank:
-            q_q = full_distances(self.score_fn(q_bank, q_bank))
-            g_g = full_distances(self.score_fn(g_bank, g_bank))
+            q_q, g_g = self._within(q_g, q_bank, g_bank)
             q_g = k_reciprocal_rerank(full_distances(q_g), q_q, g_g, **self.rerank_params)
         return q_g, raw
+
+    def _within(self, q_g: Tensor | DistanceBlocks, q_bank: Bank, g_bank: Bank) -> tuple[Tensor, Tensor]:
+        """Query-query and gallery-gallery distances in the space of ``q_g`` (see the module docstring)."""
+        if not isinstance(q_g, DistanceBlocks):
+            return full_distances(self.score_fn(q_bank, q_bank)), full_distances(self.score_fn(g_bank, g_bank))
+        if q_g.within is None:
+            raise UserError("re-ranking needs query-query and gallery-gallery distances from the same test graph "
+                            "as the query-gallery ones, and the single-query SSTN scores each query in a graph of "
+                            "its own; re-rank in model.sstn.test_mode=transductive or off")
+        q_q, g_g = q_g.within()
+        return full_distances(q_q), full_distances(g_g)
 
     def evaluate_trial(self, protocol: Protocol, trial: Trial, bank: Bank) -> TrialResult:
         """Metrics of one trial; ``bank`` rows follow ``protocol.candidates``."""

@@ -74,6 +74,12 @@ class DistanceBlocks:
     ``edges`` (optional, for graph-based scorers): a zero-argument function giving the kept edges of
     the test graph behind these distances (a :class:`~cmssft.evaluation.graph_stats.KeptEdges`,
     nodes numbered queries first, then gallery), for :mod:`~cmssft.evaluation.graph_stats`.
+
+    ``within`` (optional): a zero-argument function giving the query-query ``[Q, Q]`` and
+    gallery-gallery ``[G, G]`` distances *in the same space* as these (the same descriptors, from
+    the same test graph), as two more :class:`DistanceBlocks`. k-reciprocal re-ranking needs all
+    three; a scorer that cannot give them (each query scored in a graph of its own) leaves it None
+    and cannot be re-ranked.
     """
 
     def __init__(
@@ -84,10 +90,12 @@ class DistanceBlocks:
         block_rows: int | None = None,
         device: torch.device | str = "cpu",
         edges: Callable[[], tuple[Tensor, Tensor, Tensor]] | None = None,
+        within: Callable[[], tuple[DistanceBlocks, DistanceBlocks]] | None = None,
     ) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.compute = compute
         self.edges = edges
+        self.within = within
         default = max(1, BLOCK_ELEMENTS // max(1, self.shape[1]))
         self.block_rows = max(1, int(block_rows or default))
         self.device = torch.device(device)
@@ -128,9 +136,25 @@ class DistanceBlocks:
 
     def map(self, fn: Callable[[Tensor], Tensor], device: torch.device | str | None = None) -> DistanceBlocks:
         """The same blocks passed through ``fn`` (e.g. ``lambda t: t.float().cpu()``)."""
-        source = self
+        source, within = self, self.within
+        mapped_within = None if within is None else lambda: tuple(w.map(fn, device) for w in within())
         return DistanceBlocks(self.shape, lambda a, b: fn(source.compute(a, b)), block_rows=self.block_rows,
-                              device=self.device if device is None else device, edges=self.edges)
+                              device=self.device if device is None else device, edges=self.edges,
+                              within=mapped_within)
+
+
+def cosine_distance_blocks(
+    query: Tensor, gallery: Tensor, *, block_rows: int | None = None,
+    edges: Callable[[], tuple[Tensor, Tensor, Tensor]] | None = None,
+) -> DistanceBlocks:
+    """``1 - query @ gallery.T`` of unit rows (``[Q, D]``, ``[G, D]``) in query blocks, with the
+    query-query and gallery-gallery distances of the same rows as its ``within``."""
+
+    def pair(a: Tensor, b: Tensor, **extra: object) -> DistanceBlocks:
+        return DistanceBlocks((len(a), len(b)), lambda start, stop: 1.0 - a[start:stop] @ b.T,
+                              block_rows=block_rows, device=a.device, **extra)
+
+    return pair(query, gallery, edges=edges, within=lambda: (pair(query, query), pair(gallery, gallery)))
 
 
 def full_distances(dist: Tensor | DistanceBlocks) -> Tensor:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmssft.errors import UserError
-from cmssft.evaluation.metrics import DistanceBlocks
+from cmssft.evaluation.metrics import DistanceBlocks, cosine_distance_blocks
 from cmssft.models.extractor import TwoStreamExtractor
 from cmssft.models.heads import ModalityDiscriminator
 from cmssft.models.neck import BNNeck, make_pool
@@ -288,7 +288,7 @@ def score_bank_blocks(
         raise UserError(f"test mode {mode!r} is not one of {MODES}")
     if sstn is None or mode == "off":
         q, g = plain_features(query_bank, off_features), plain_features(gallery_bank, off_features)
-        return DistanceBlocks((len(q), len(g)), lambda start, stop: 1.0 - q[start:stop] @ g.T, device=q.device)
+        return cosine_distance_blocks(q, g)
 
     def triple(bank: Bank) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         return bank["shared"].float(), _maybe_float(bank.get("specific")), bank["modality"]

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmssft.errors import UserError
-from cmssft.evaluation.metrics import DistanceBlocks
+from cmssft.evaluation.metrics import DistanceBlocks, cosine_distance_blocks
 from cmssft.models.affinity_graph import (
     NEG_INF,
     Graph,
@@ -409,12 +409,6 @@ class SSTN(nn.Module):
         feats, graph = self.describe(nodes)
         feats = F.normalize(feats, dim=1)
         num_q = q.x.shape[0]
-        f_q, f_g = feats[:num_q], feats[num_q:]
         edges = graph.edges()
-        return DistanceBlocks(
-            (num_q, f_g.shape[0]),
-            lambda start, stop: 1.0 - f_q[start:stop] @ f_g.T,
-            block_rows=self.chunk,
-            device=feats.device,
-            edges=lambda: edges,
-        )
+        # query-query and gallery-gallery distances of the same descriptors (re-ranking): one graph for all three
+        return cosine_distance_blocks(feats[:num_q], feats[num_q:], block_rows=self.chunk, edges=lambda: edges)
