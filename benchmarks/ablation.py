@@ -20,7 +20,6 @@ standard deviation over seeds, with the test graph's statistics; writes both to 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import signal
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 MODES = ("transductive", "single_query", "off", "off+rerank")
-SCORE_KEYS = ("model.sstn.", "eval.")  # what --score-set may change: scoring, not training
+SCORE_KEYS = ("model.", "eval.")  # what --score-set may change: test-time model settings (checked as eval.py does)
 GRAPH_KEYS = ("query_cross_edges", "cross_same_id_edges", "cross_same_id_weight", "query_same_id_candidates")
 
 
@@ -52,13 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (they share the CPU cores or GPU)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--score-set", dest="score_overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="test-time overrides (model.sstn.*, eval.*) applied to each trained run when scoring "
-                        "only: the same checkpoints are scored again, into modes@<values>.json and summary@<values>.md")
+                        help="test-time overrides (model.sstn.topk, ..., eval.*) applied to each trained run when "
+                        "scoring only: the same checkpoints are scored again, into modes@<values>.json and "
+                        "summary@<values>.md")
     args = parser.parse_args(argv)
     for item in args.score_overrides:
         if not item.startswith(SCORE_KEYS):
-            allowed = " and ".join(k + "*" for k in SCORE_KEYS)
-            parser.error(f"--score-set {item}: only {allowed} keys change scoring alone")
+            parser.error(f"--score-set {item}: only test-time model keys and eval.* keys change scoring alone")
     return args
 
 
@@ -157,25 +156,18 @@ def _stop(procs: Iterable[subprocess.Popen]) -> None:
 
 def score_modes(run_dir: Path, modes: list[str], score_overrides: list[str] | None = None) -> dict[str, dict]:
     """Mean metrics and test-graph statistics of ``best.pth`` in each mode, from one feature extraction;
-    ``score_overrides`` change the trained config's test-time keys first."""
-    from cmssft.config import _set_dotted, config_from_dict, config_to_dict, load_config, parse_override
+    ``score_overrides`` change test-time settings as ``eval.py`` does (the same function applies them)."""
+    from cmssft.config import load_config
     from cmssft.data.datasets import load_dataset
     from cmssft.data.loader import build_test_loader
-    from cmssft.engine.checkpoint import load_checkpoint
-    from cmssft.engine.inference import extract_features, model_from_checkpoint, model_score_fn
+    from cmssft.engine.inference import extract_features, load_trained_model, model_score_fn
     from cmssft.evaluation.build import build_protocol, resolve_protocol
     from cmssft.evaluation.evaluator import Evaluator
     from cmssft.evaluation.report import summarize
     from cmssft.utils.runtime import resolve_device
 
     cfg = load_config(run_dir / "config.yaml", score_overrides)
-    state = load_checkpoint(run_dir / "best.pth")
-    if score_overrides:  # the checkpoint's own config, with the same overrides
-        raw = copy.deepcopy(state["config"])
-        for item in score_overrides:
-            _set_dotted(raw, *parse_override(item))
-        state = {**state, "config": config_to_dict(config_from_dict(raw))}
-    model, _ = model_from_checkpoint(state, str(run_dir / "best.pth"))
+    model = load_trained_model(run_dir / "best.pth", score_overrides or []).model
     device = resolve_device(cfg.train.device)
     model.to(device)
     d = cfg.data
@@ -185,7 +177,7 @@ def score_modes(run_dir: Path, modes: list[str], score_overrides: list[str] | No
     bank = extract_features(model, loader, device, flip=cfg.eval.flip, progress=False)
     out = {}
     for mode in modes:
-        if model.sstn is None and mode in ("transductive", "single_query"):
+        if getattr(model, "sstn", None) is None and mode in ("transductive", "single_query"):
             continue  # no transfer: every mode is off
         base, rerank = mode.removesuffix("+rerank"), mode.endswith("+rerank")
         evaluator = Evaluator(model_score_fn(model, base, device), rerank=rerank)

@@ -9,12 +9,14 @@ and, for typos, the closest valid one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
 import re
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -536,6 +538,69 @@ RANGES: dict[str, Range] = {
     "eval.trials": AT_LEAST_1,
     "eval.batch_size": AT_LEAST_1,
 }
+
+
+# Model keys that change how a trained model scores, never its weights: eval.py (and the ablation runner's
+# --score-set) apply them on top of a checkpoint's own config. Every other model key is the checkpoint's.
+TEST_TIME_MODEL_KEYS: tuple[str, ...] = (
+    "model.sstn.topk",
+    "model.sstn.cross_k",
+    "model.sstn.block_norm",
+    "model.sstn.normalize",
+    "model.sstn.temperature",
+    "model.sstn.self_loops",
+    "model.sstn.test_mode",
+    "model.sstn.off_features",
+    "model.sstn.chunk",
+    "model.sstn.test_intra_k",
+)
+# Model keys a checkpoint makes moot: it brings every weight itself.
+CHECKPOINT_MOOT_KEYS: tuple[str, ...] = ("model.pretrained", "model.download_timeout")
+
+
+def get_dotted(cfg: Config, key: str) -> Any:
+    """The value of ``a.b.c`` in a config (``AttributeError`` for a key the schema lacks)."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def model_overrides(overrides: Sequence[str]) -> list[str]:
+    """The ``model.*`` items of ``key=value`` overrides: the ones that concern a trained model."""
+    return [item for item in overrides if parse_override(item)[0].split(".", 1)[0] == "model"]
+
+
+def test_time_config(trained: Mapping, overrides: Sequence[str], source: str) -> Config:
+    """The config a checkpoint was trained with, with the test-time ``model.*`` overrides applied.
+
+    Other items (``data.*``, ``eval.*``, ...) are the caller's business and are skipped here. A model key
+    that is not a test-time one (:data:`~cmssft.config.TEST_TIME_MODEL_KEYS`) and differs from the
+    checkpoint's is a one-line :class:`ConfigError` naming it: it shapes the weights or acts only in
+    training, so applying it would silently score something other than what was asked.
+    """
+    raw = copy.deepcopy(dict(trained))
+    base = config_from_dict(copy.deepcopy(raw))
+    items = [parse_override(item) for item in model_overrides(overrides)]
+    if not items:
+        return base
+    for key, value in items:
+        if key not in CHECKPOINT_MOOT_KEYS:
+            _set_dotted(raw, key, value)
+    cfg = config_from_dict(raw)
+    for key in _model_leaves():
+        if key not in TEST_TIME_MODEL_KEYS and get_dotted(cfg, key) != get_dotted(base, key):
+            raise ConfigError(
+                f"{key}={get_dotted(cfg, key)!r}: {source} was trained with {key}={get_dotted(base, key)!r}, and "
+                f"this setting shapes its weights or acts only in training; a trained model takes test-time "
+                f"settings only ({', '.join(TEST_TIME_MODEL_KEYS)})"
+            )
+    return cfg
+
+
+def _model_leaves() -> list[str]:
+    keys = _all_keys(Config)
+    return [k for k in keys if k.startswith("model.") and not any(other.startswith(k + ".") for other in keys)]
 
 
 def _check_range(value: Any, key: str) -> Any:

@@ -24,7 +24,7 @@ from cmssft.engine.trainer import EvaluateFn
 from cmssft.evaluation import protocols as P
 from cmssft.evaluation.build import build_protocol, resolve_protocol
 from cmssft.evaluation.evaluator import Evaluator
-from cmssft.evaluation.report import format_table, summarize, table_title
+from cmssft.evaluation.report import format_table, summarize, table_title, test_time_settings
 from cmssft.evaluation.visualize import ranked_lists_image, save_png
 
 LOG = logging.getLogger("cmssft")
@@ -109,7 +109,8 @@ class ProtocolEvaluation:
         if summary is None:
             return ""
         mode = mode or (self.cfg.model.sstn.test_mode if self.cfg.model.sstn.enabled else None)
-        return format_table(summary, title=table_title(self.split, mode, self.protocol.description))
+        settings = test_time_settings(self.cfg, self.cfg.eval, flip=self.cfg.eval.flip)
+        return format_table(summary, title=table_title(self.split, mode, self.protocol.description, settings))
 
 
 def flat_metrics(summary: dict) -> dict[str, float]:

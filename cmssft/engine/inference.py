@@ -10,6 +10,11 @@ banks into distances [Q, G] handed out in query blocks [rows, G] (``DistanceBloc
 A checkpoint's scoring needs, besides the bank, only its config and its ``sstn.*`` tensors
 (:class:`ScorerState`): a features file that stores them is scored without the backbone
 (:func:`scorer_score_fn`).
+
+A trained model is rebuilt from the config it was trained with; only its *test-time* settings
+(:data:`~cmssft.config.TEST_TIME_MODEL_KEYS`) may be changed by ``key=value`` overrides
+(:func:`test_time_config`), so ``eval.py ... model.sstn.topk=10`` scores the same weights with another
+test graph, and an override that would need other weights is refused instead of ignored.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cmssft.config import Config, config_from_dict
+from cmssft.config import Config, config_to_dict, model_overrides, test_time_config
 from cmssft.data.loader import build_test_loader
 from cmssft.data.records import Sample
 from cmssft.engine.checkpoint import load_checkpoint, load_model_state
+from cmssft.errors import UserError
 from cmssft.evaluation.metrics import DistanceBlocks
 from cmssft.utils.runtime import resolve_device
 
@@ -92,16 +98,28 @@ def model_score_fn(model: nn.Module, mode: str, device: torch.device) -> ScoreFn
     return score
 
 
-def model_from_checkpoint(state: dict, source: str) -> tuple[nn.Module, Config]:
-    """Rebuild the model a checkpoint was trained as, and load its weights."""
+def model_from_checkpoint(state: dict, source: str, overrides: Sequence[str] = ()) -> tuple[nn.Module, Config]:
+    """Rebuild the model a checkpoint was trained as (with test-time ``overrides``) and load its weights."""
     from cmssft.models import build_model
 
-    trained_cfg = config_from_dict(state["config"])
+    trained_cfg = test_time_config(state["config"], overrides, source)
     build_cfg = copy.deepcopy(trained_cfg)
     build_cfg.model.pretrained = "none"  # the checkpoint brings every weight
     model = build_model(build_cfg, state["num_classes"])
-    load_model_state(model, state["model"], source)
+    _load_with_overrides(model, state["model"], source, overrides)
     return model, trained_cfg
+
+
+def _load_with_overrides(model: nn.Module, weights: Mapping[str, torch.Tensor], source: str,
+                         overrides: Sequence[str]) -> None:
+    """Load ``weights``; when test-time overrides built a model these weights do not fit, say so."""
+    try:
+        load_model_state(model, dict(weights), source)
+    except UserError as err:
+        changed = model_overrides(overrides)
+        if not changed:
+            raise
+        raise UserError(f"{' '.join(changed)} would need weights {source} does not have ({err})") from None
 
 
 @dataclass
@@ -120,16 +138,18 @@ def scorer_state(state: Mapping) -> ScorerState:
 
 def scorer_score_fn(
     config: Mapping, tensors: Mapping[str, torch.Tensor | np.ndarray], mode: str, device: torch.device | str,
-    source: str,
+    source: str, overrides: Sequence[str] = (),
 ) -> ScoreFn:
-    """The scoring of the checkpoint whose config and ``sstn.*`` tensors these are, without its backbone.
+    """The scoring of the checkpoint whose config and ``sstn.*`` tensors these are, without its backbone
+    (with test-time ``overrides``, as :func:`model_from_checkpoint` applies them).
 
-    Equal to :func:`model_score_fn` of that checkpoint's model for the same banks and mode.
+    Equal to :func:`model_score_fn` of that checkpoint's model for the same banks, mode and overrides.
     """
     from cmssft.models import build_bank_scorer
 
-    scorer = build_bank_scorer(config_from_dict(dict(config)))
-    load_model_state(scorer, {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}, source)
+    scorer = build_bank_scorer(test_time_config(config, overrides, source))
+    weights = {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}
+    _load_with_overrides(scorer, weights, source, overrides)
     device = torch.device(device)
     return model_score_fn(scorer.to(device), mode, device)
 
@@ -143,23 +163,38 @@ class Extraction:
     scorer: ScorerState
 
 
-def extract_checkpoint(cfg: Config, checkpoint_path: str | Path, samples: Sequence[Sample]) -> Extraction:
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read once: its model (test-time overrides applied), that model's config, and what
+    a features file needs to score like it."""
+
+    model: nn.Module
+    config: Config
+    scorer: ScorerState
+
+
+def load_trained_model(checkpoint_path: str | Path, overrides: Sequence[str] = ()) -> LoadedCheckpoint:
+    """The model of a checkpoint file with test-time ``overrides`` (:func:`test_time_config`)."""
+    state = load_checkpoint(checkpoint_path)
+    model, config = model_from_checkpoint(state, str(checkpoint_path), overrides)
+    scorer = scorer_state(state)
+    scorer.config = {**scorer.config, "model": config_to_dict(config)["model"]}  # a features file scores alike
+    return LoadedCheckpoint(model, config, scorer)
+
+
+def extract_checkpoint(
+    cfg: Config, checkpoint: str | Path | LoadedCheckpoint, samples: Sequence[Sample], overrides: Sequence[str] = ()
+) -> Extraction:
     """Features of ``samples`` from a trained checkpoint, its scoring function and scorer state.
 
-    The architecture comes from the checkpoint; data settings and the test-time
-    SSTN mode come from ``cfg`` (so ``model.sstn.test_mode=...`` can be changed
-    at evaluation time).
+    The architecture and the test-time settings come from the checkpoint, changed by the test-time
+    ``model.*`` items of ``overrides``; data settings, ``eval.*`` and the SSTN test mode
+    (``model.sstn.test_mode``) come from ``cfg``.
     """
-    state = load_checkpoint(checkpoint_path)
-    model, _ = model_from_checkpoint(state, str(checkpoint_path))
+    loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_trained_model(checkpoint, overrides)
     device = resolve_device(cfg.train.device)
-    model.to(device)
+    model = loaded.model.to(device)
     loader = build_test_loader(cfg, samples, device_is_cuda=device.type == "cuda")
     bank = extract_features(model, loader, device, flip=cfg.eval.flip)
-    return Extraction(bank, model_score_fn(model, cfg.model.sstn.test_mode, device), scorer_state(state))
+    return Extraction(bank, model_score_fn(model, cfg.model.sstn.test_mode, device), loaded.scorer)
 
-
-def extract_bank(cfg: Config, checkpoint_path: str | Path, samples: Sequence[Sample]) -> tuple[Bank, ScoreFn]:
-    """:func:`extract_checkpoint` without the scorer state."""
-    extraction = extract_checkpoint(cfg, checkpoint_path, samples)
-    return extraction.bank, extraction.score_fn

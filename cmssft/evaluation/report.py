@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cmssft.config import Config, EvalConfig
 from cmssft.evaluation.evaluator import Evaluator, TrialResult
 from cmssft.evaluation.protocols import Protocol
 
@@ -108,9 +109,37 @@ def scoring_title(mode: str | None) -> str:
     return NO_TRANSFER if mode is None else MODE_TITLES.get(mode, mode)
 
 
-def table_title(split: str, mode: str | None, description: str) -> str:
-    """``test, transductive SSTN: SYSU-MM01 ...``: the same title from train.py and eval.py."""
-    return f"{split}, {scoring_title(mode)}: {description}"
+def table_title(split: str, mode: str | None, description: str, test_time: dict[str, Any] | None = None) -> str:
+    """``test, transductive SSTN: SYSU-MM01 ...``, then the test-time settings that decided the scoring:
+    the same header from train.py and eval.py."""
+    title = f"{split}, {scoring_title(mode)}: {description}"
+    if test_time:
+        title += "\ntest-time settings: " + " ".join(f"{k}={_plain(v)}" for k, v in test_time.items())
+    return title
+
+
+def _plain(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# Test-time settings that change the numbers (model.sstn.chunk bounds memory only; the mode is in the title).
+SHOWN_SSTN_KEYS = ("topk", "cross_k", "test_intra_k", "block_norm", "normalize", "temperature", "self_loops")
+
+
+def test_time_settings(model: Config | None, evaluation: EvalConfig, flip: bool | None = None) -> dict[str, Any]:
+    """What decided a trained model's scores besides its weights: its test-time model settings
+    (``model`` None: features without a model) and the evaluation's (``flip`` None: unknown, as for a
+    features file's rows)."""
+    out: dict[str, Any] = {}
+    if model is not None and model.model.name == "cmssft" and model.model.sstn.enabled:
+        sstn = model.model.sstn
+        out.update({f"model.sstn.{key}": getattr(sstn, key) for key in SHOWN_SSTN_KEYS})
+        if model.model.use_specific:
+            out["model.sstn.off_features"] = sstn.off_features
+    if flip is not None:
+        out["eval.flip"] = flip
+    out["eval.rerank"] = evaluation.rerank
+    return out
 
 
 def write_json(summary: dict, path: str | Path) -> None:
