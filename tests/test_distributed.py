@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from cmssft.config import load_config
+from cmssft.engine.build import wrap_for_training
 from cmssft.engine.checkpoint import load_checkpoint
 from cmssft.engine.distributed import DistContext, context_from_env
 from cmssft.errors import UserError
+from cmssft.models.candidate_memory import CandidateMemory
 
 from .conftest import REPO_ROOT, TINY_DATA
 
@@ -251,3 +253,41 @@ def test_compile_wraps_the_training_module_only():
     assert set(model.state_dict()) == {"0.weight", "0.bias"}
     plain = load_config(None, ["train.compile=false"])
     assert wrap_for_training(model, plain, torch.device("cpu"), DistContext()) is model
+
+
+class _RememberingModel(nn.Module):
+    """A layer and a candidate memory that stores each batch's inputs, as the SSTN stores its nodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.memory = CandidateMemory(size=8, dim=4, use_specific=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.memory.push(x, None, torch.zeros(len(x), dtype=torch.long), torch.zeros(len(x), dtype=torch.long))
+        return self.linear(x)
+
+
+def _remember_in_ddp(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """One process of the memory test: three DDP steps on batches only this rank sees, then its memory saved."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = _RememberingModel()
+        wrapped = wrap_for_training(model, load_config(None, []), torch.device("cpu"),
+                                    DistContext(rank=rank, world_size=world_size, local_rank=rank))
+        for step in range(3):
+            wrapped(torch.full((2, 4), float(10 * rank + step))).sum().backward()
+        shared, _, _, _ = model.memory.entries()
+        torch.save(shared.clone(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_each_process_keeps_its_own_candidate_memory(tmp_path):
+    """Two gloo processes: each memory ends holding exactly the batches its own process pushed, in order
+    (DDP broadcasting rank 0's buffers before every forward would leave rank 1 with rank 0's)."""
+    torch.multiprocessing.spawn(_remember_in_ddp, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        memory = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        expected = torch.tensor([10.0 * rank + step for step in range(3) for _ in range(2)])
+        assert torch.equal(memory[:, 0], expected), (rank, memory[:, 0])

@@ -111,10 +111,15 @@ def wrap_for_training(model: nn.Module, cfg: Config, device: torch.device, dist:
     if dist.enabled:
         if cfg.model.sstn.global_batch and hasattr(model, "batch_gather"):
             model.batch_gather = dist.all_gather
+        # broadcast_buffers=False: each process keeps its own buffers. The candidate memory is a ring of this
+        # process's earlier batches; broadcasting rank 0's buffers before every forward would overwrite it and
+        # lose every other process's pushes. Running statistics (BatchNorm, SSTN centring) only act at test
+        # time, from rank 0's copy, which is the one checkpoints save either way.
         wrapped = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=_may_leave_parameters_unused(cfg),
+            broadcast_buffers=False,
         )
         LOG.info(
             "distributed: %d processes, %d images per process and step (global batch %d)%s",
