@@ -132,3 +132,17 @@ def test_the_grl_schedule_sets_the_ramp_before_each_step(schedule, sysu_root, tm
             "train.iters_per_epoch=3", f"train.grl_schedule={schedule}"]
     assert train_main(args) == 0
     assert ramps == ([dann_ramp(step / 3) for step in range(3)] if schedule == "dann" else [])
+
+
+def test_cuda_training_lets_cudnn_time_its_kernels_unless_deterministic(monkeypatch):
+    """Fixed-size CUDA training turns cuDNN's autotuner on; a deterministic run and the CPU leave it off."""
+    from cmssft.utils.runtime import choose_kernels
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda flag: None)  # keep the process as it is
+    choose_kernels(torch.device("cpu"), deterministic=False)
+    assert torch.backends.cudnn.benchmark is False
+    choose_kernels(torch.device("cuda"), deterministic=False)
+    assert torch.backends.cudnn.benchmark is True
+    choose_kernels(torch.device("cuda"), deterministic=True)
+    assert torch.backends.cudnn.benchmark is False

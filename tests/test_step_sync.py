@@ -12,14 +12,19 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import signal
+from dataclasses import dataclass
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from cmssft.config import load_config
 from cmssft.engine.build import build_trainer, prepare_dataset
+from cmssft.engine.distributed import DistContext
 from cmssft.engine.entry import train_main
 from cmssft.engine.optim import build_optimizer, set_fused
+from cmssft.engine.signals import TrainingInterrupted
 from cmssft.engine.trainer import DeviceBatch, PendingStep, TrainingDiverged
 from cmssft.utils.host_reads import count_host_reads
 
@@ -225,3 +230,36 @@ def test_device_augmentation_seeds_depend_on_the_step_only(sysu_root, tmp_path):
         trainer.state.step = step
         seeds.append(trainer.augment_seed())
     assert seeds[0] == seeds[2] != seeds[1]
+
+
+@dataclass(frozen=True)
+class _TwoProcessesOfOne(DistContext):
+    """What the trainer sees of a 2-process launch, in one process: every reduction returns this process's value."""
+
+    def _reduce(self, tensor: torch.Tensor, op: object) -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("world_size, checks", [(1, 7), (2, 1)])
+def test_a_launch_looks_for_stop_signals_only_at_log_steps(sysu_root, tmp_path, monkeypatch, world_size, checks):
+    """Under torchrun the signal check is an all-reduce read back to the host: only at log steps (here
+    step 4 of 8; step 8 is the epoch's end), while one process checks its own flag after every step."""
+    trainer = make_trainer(sysu_root, tmp_path, "train.log_every=4")
+    trainer.dist = _TwoProcessesOfOne(world_size=world_size)
+    steps_checked = []
+    monkeypatch.setattr(trainer, "stop_if_signalled", lambda: steps_checked.append(trainer.state.step))
+    trainer.loader.batch_sampler.set_epoch(0)
+    trainer.train_epoch(tqdm(disable=True))
+    assert len(steps_checked) == checks and (world_size == 1 or steps_checked == [4])
+
+
+def test_a_signal_under_a_launch_stops_at_the_next_log_step(sysu_root, tmp_path):
+    trainer = make_trainer(sysu_root, tmp_path, "train.log_every=4")
+    trainer.dist = _TwoProcessesOfOne(world_size=2)
+    trainer.signals.signum = signal.SIGTERM  # as if it arrived before the first step
+    with pytest.raises(TrainingInterrupted):
+        trainer.train_epoch(tqdm(disable=True))
+    assert trainer.state.step == 4 and (tmp_path / "last.pth").is_file()

@@ -96,7 +96,7 @@ def _train(
         write_run_config(cfg, run_dir)
     LOG.info("run directory %s", run_dir)
     LOG.info("%s", dataset.summary())
-    seed_everything(cfg.seed, cfg.train.deterministic)  # the same seed everywhere: identical initial weights
+    seed_everything(cfg.seed, cfg.train.deterministic, device)  # the same seed everywhere: identical weights
     trainer = build_trainer(cfg, dataset, device, run_dir, dist)
     if args.resume:
         trainer.restore(load_checkpoint(run_dir / LAST, map_location=device, need=RESUME_KEYS))

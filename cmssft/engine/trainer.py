@@ -258,7 +258,7 @@ class Trainer:
         # Every process takes the same number of steps, or DDP's collectives would wait forever.
         for batch in itertools.islice(self.loader, self.iters_per_epoch - self.state.batch):
             self.run_step(batch, bar)
-            if self.state.batch < self.iters_per_epoch:  # at the epoch's end, end_of_epoch saves first
+            if self.state.batch < self.iters_per_epoch and self.signal_check_due():  # epoch's end: saved first
                 self.stop_if_signalled()
                 if self.dist.is_main and self.checkpoints.due(self.state.step):
                     self.save(LAST)
@@ -433,6 +433,13 @@ class Trainer:
                 f"the loss was non-finite for {MAX_BAD_STEPS} steps in a row; stopped. "
                 f"The last good checkpoint is {self.run_dir / LAST} (try a lower train.lr or train.grad_clip)"
             )
+
+    def signal_check_due(self) -> bool:
+        """Whether to look for a stop signal after this step. One process looks after every step. The
+        processes of a launch must agree on it by an all-reduce, which waits for the device, so they look
+        only at log steps, where the loop reads back anyway (and at each epoch's end): a signal then waits
+        at most ``train.log_every`` steps, well inside torchrun's 30 s before it kills the workers."""
+        return not self.dist.enabled or self.state.step % self.cfg.train.log_every == 0
 
     def stop_if_signalled(self) -> None:
         """Stop when any process got SIGINT/SIGTERM; all stop after the same step and rank 0 saves."""

@@ -11,15 +11,24 @@ import torch
 from cmssft.errors import UserError
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch; ``deterministic`` also forbids nondeterministic kernels."""
+def seed_everything(seed: int, deterministic: bool = False, device: torch.device | None = None) -> None:
+    """Seed Python, NumPy and torch, and choose the kernels (:func:`choose_kernels`) for ``device``."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    choose_kernels(device or torch.device("cpu"), deterministic)
+
+
+def choose_kernels(device: torch.device, deterministic: bool) -> None:
+    """``deterministic``: forbid nondeterministic kernels. Otherwise, on CUDA, let cuDNN time its convolution
+    algorithms once per input shape and keep the fastest: training batches all have one size, so the
+    search is paid once (evaluation's last, smaller batch adds one more)."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def rng_state() -> dict:
