@@ -164,3 +164,13 @@ def test_test_intra_k_reaches_the_sstn_and_is_at_least_0():
     assert (sstn.topk, sstn.test_view().topk) == (6, 10)
     with pytest.raises(ConfigError, match="model.sstn.test_intra_k: -1 is out of range"):
         load_config(None, ["model.sstn.test_intra_k=-1"])
+
+
+@pytest.mark.parametrize("name", ["sysu_mm01", "regdb", "llcm"])
+def test_real_data_configs_print_single_query_first_and_transductive_beside_it(name):
+    """Inductive single-query numbers are what AGW, CAJ and most papers report: they come first."""
+    from tests.conftest import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "configs" / f"{name}.yaml")
+    assert cfg.model.sstn.test_mode == "single_query"
+    assert cfg.eval.compare_modes == ["transductive", "off"]

@@ -21,6 +21,7 @@ from cmssft.evaluation.cli import main as eval_main
 from cmssft.evaluation.evaluator import Evaluator
 from cmssft.evaluation.features_io import save_features
 from cmssft.evaluation.metrics import full_distances
+from cmssft.evaluation.report import COMPARABLE
 from cmssft.evaluation.rerank import k_reciprocal_rerank
 from cmssft.models import build_bank_scorer
 
@@ -68,7 +69,7 @@ def test_eval_scores_the_trial_the_checkpoint_was_trained_on(regdb_trial3_run, t
     assert result["mean"]["mAP"] == pytest.approx(final["test/mAP"], abs=1e-6)
     assert result["mean"]["rank1"] == pytest.approx(final["test/rank1"], abs=1e-6)
     title, settings_line = capsys.readouterr().out.splitlines()[:2]
-    assert title == "test, transductive SSTN: RegDB trial 3, visible->thermal"
+    assert title == f"test, transductive SSTN [{COMPARABLE['transductive']}]: RegDB trial 3, visible->thermal"
     log = (run / "log.txt").read_text()
     assert title in log and settings_line in log  # train.py printed the same header
 

@@ -16,6 +16,7 @@ from cmssft.errors import UserError, run_cli
 from cmssft.evaluation import Evaluator, summarize, sysu_community
 from cmssft.evaluation.cli import main
 from cmssft.evaluation.features_io import save_features
+from cmssft.evaluation.report import COMPARABLE
 from cmssft.evaluation.visualize import GREEN, RED, ranked_lists_image, save_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +79,8 @@ def test_features_end_to_end_json(setup, tmp_path, capsys):
     assert result["mean"]["rank1"] == pytest.approx(1.0) and result["std"]["mAP"] == pytest.approx(0.0)
     printed = capsys.readouterr().out
     assert "mean" in printed and "+- std" in printed and "100.00" in printed
-    assert printed.startswith("test, no transfer (cosine of the features): SYSU-MM01")  # titled as train.py titles
+    title = f"test, no transfer (cosine of the features) [{COMPARABLE['inductive']}]: SYSU-MM01"
+    assert printed.startswith(title)  # titled as train.py titles
     assert "chance level (random ranking): rank-1 " in printed
 
 

@@ -9,6 +9,7 @@ import torch
 
 from cmssft.engine.checkpoint import load_checkpoint
 from cmssft.engine.entry import train_main
+from cmssft.evaluation.report import COMPARABLE
 
 from .conftest import TINY_DATA
 
@@ -77,7 +78,8 @@ def test_eval_py_reproduces_the_numbers_training_printed(trained_run, sysu_root,
     assert mean["mAP"] == pytest.approx(final["test/mAP"], abs=1e-6)
     assert mean["rank1"] == pytest.approx(final["test/rank1"], abs=1e-6)
     title = capsys.readouterr().out.splitlines()[0]
-    assert title.startswith("test, transductive SSTN: ") and title in (trained_run / "log.txt").read_text()
+    assert title.startswith(f"test, transductive SSTN [{COMPARABLE['transductive']}]: ")
+    assert title in (trained_run / "log.txt").read_text()
 
 
 def test_resume_continues_to_the_same_weights(trained_run, sysu_root, tmp_path):
@@ -120,8 +122,10 @@ def test_log_txt_keeps_the_losses_and_the_results_table(trained_run):
     log = (trained_run / "log.txt").read_text()
     assert "epoch 1 step 1: total " in log and "epoch 2 step 4: total " in log  # train.log_every=1
     assert "epoch 2/2: mean loss " in log
-    assert "test, transductive SSTN: SYSU-MM01" in log and "+- std" in log and "chance level (random ranking)" in log
-    assert "test, off (same model, no transfer): SYSU-MM01" in log  # eval.compare_modes: what the transfer adds
+    assert f"test, transductive SSTN [{COMPARABLE['transductive']}]: SYSU-MM01" in log
+    assert "+- std" in log and "chance level (random ranking)" in log
+    # eval.compare_modes: what the transfer adds
+    assert f"test, off (same model, no transfer) [{COMPARABLE['inductive']}]: SYSU-MM01" in log
 
 
 def test_resume_of_a_finished_run_from_its_own_config_says_so(trained_run, capsys):

@@ -109,10 +109,26 @@ def scoring_title(mode: str | None) -> str:
     return NO_TRANSFER if mode is None else MODE_TITLES.get(mode, mode)
 
 
+# Which published numbers a table may stand beside: transductive scoring uses the whole test set at once.
+COMPARABLE = {
+    "inductive": "inductive, as AGW, CAJ and cm-SSFT SQ report",
+    "transductive": "transductive, as cm-SSFT's main table reports",
+    "reranked": "re-ranked, transductive",
+}
+
+
+def comparable_to(mode: str | None, rerank: bool = False) -> str:
+    """The kind of published result a table's numbers compare with (docs/EVALUATION.md)."""
+    if rerank:
+        return COMPARABLE["reranked"]
+    return COMPARABLE["transductive" if mode == "transductive" else "inductive"]
+
+
 def table_title(split: str, mode: str | None, description: str, test_time: dict[str, Any] | None = None) -> str:
-    """``test, transductive SSTN: SYSU-MM01 ...``, then the test-time settings that decided the scoring:
-    the same header from train.py and eval.py."""
-    title = f"{split}, {scoring_title(mode)}: {description}"
+    """``test, transductive SSTN [transductive, ...]: SYSU-MM01 ...``, then the test-time settings that
+    decided the scoring: the same header from train.py and eval.py."""
+    rerank = bool((test_time or {}).get("eval.rerank"))
+    title = f"{split}, {scoring_title(mode)} [{comparable_to(mode, rerank)}]: {description}"
     if test_time:
         title += "\ntest-time settings: " + " ".join(f"{k}={_plain(v)}" for k, v in test_time.items())
     return title
