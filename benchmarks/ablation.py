@@ -4,6 +4,7 @@
     python benchmarks/ablation.py --scale configs/benchmarks/gpu.yaml --rows baseline full --jobs 4
     python benchmarks/ablation.py --scale configs/benchmarks/demo.yaml --rows full --set model.sstn.cross_k=0
     python benchmarks/ablation.py --rows full --score-set model.sstn.test_intra_k=0
+    python benchmarks/ablation.py --rows baseline agw caj full full_agw --seeds 0 1 2 3 4 5 6 7 --against agw
 
 A *row* is a ``configs/ablation/<row>.yaml`` (or any config path); a *scale* is a YAML file of
 overrides applied on top of it (data size, schedule, device); ``--set key=value`` adds more. Every
@@ -14,6 +15,7 @@ continues). Its ``best.pth`` is then scored, from features extracted once, in ea
 ``off+rerank`` (off with k-reciprocal re-ranking, the standard transductive post-processing the
 transductive SSTN must beat). Prints one JSON line per run and a Markdown table of mean +- sample
 standard deviation over seeds, with the test graph's statistics; writes both to ``<out>/<label>/``.
+``--against ROW[:MODE]`` adds every row and mode minus that reference, seed by seed (paired differences).
 ``--score-set`` scores the same trained runs again with test-time settings changed (no training).
 """
 
@@ -50,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label", help="results folder under --out (default: the scale's name and the --set values)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (they share the CPU cores or GPU)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--against", metavar="ROW[:MODE]",
+                        help="also report every row and mode minus this reference (default mode off), seed by seed: "
+                        "mean ± standard error of the paired differences and the seeds above it")
     parser.add_argument("--score-set", dest="score_overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="test-time overrides (model.sstn.topk, ..., eval.*) applied to each trained run when "
                         "scoring only: the same checkpoints are scored again, into modes@<values>.json and "
@@ -208,6 +213,41 @@ def aggregate(results: dict[str, dict[int, dict]], modes: list[str]) -> list[dic
     return table
 
 
+def paired(results: dict[str, dict[int, dict]], reference: str, modes: list[str]) -> list[dict]:
+    """Every (row, mode) minus the reference ``row[:mode]`` on the seeds both have: mean ± standard error
+    of the per-seed differences, and how many seeds are above / below (rank-1 and mAP)."""
+    ref_row, _, ref_mode = reference.partition(":")
+    ref_mode = ref_mode or "off"
+    if ref_row not in results:
+        raise SystemExit(f"--against {reference}: row {ref_row!r} is not among the rows {sorted(results)}")
+    base = {seed: scores[ref_mode] for seed, scores in results[ref_row].items() if ref_mode in scores}
+    out = []
+    for row, per_seed in results.items():
+        for mode in modes:
+            seeds = sorted(seed for seed in per_seed if mode in per_seed[seed] and seed in base)
+            if not seeds or (row, mode) == (ref_row, ref_mode):
+                continue
+            entry = {"row": row, "mode": mode, "against": f"{ref_row}:{ref_mode}", "seeds": len(seeds)}
+            for key in ("rank1", "mAP"):
+                diffs = [per_seed[s][mode][key] - base[s][key] for s in seeds]
+                mean, std = mean_std(diffs)
+                entry[key] = (mean, std / len(diffs) ** 0.5, sum(d > 0 for d in diffs), sum(d < 0 for d in diffs))
+            out.append(entry)
+    return out
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    def cell(value: tuple[float, float, int, int]) -> str:
+        mean, se, above, below = value
+        return f"{100 * mean:+.2f} ± {100 * se:.2f} ({above} above, {below} below)"
+
+    lines = ["| row | test mode | minus | seeds | rank-1 | mAP |", "|---|---|---|---|---|---|"]
+    for e in rows:
+        lines.append(f"| {e['row']} | {e['mode']} | {e['against']} | {e['seeds']} | {cell(e['rank1'])} | "
+                     f"{cell(e['mAP'])} |")
+    return "\n".join(lines)
+
+
 def markdown(table: list[dict]) -> str:
     def pm(entry: dict, key: str) -> str:
         mean, std = entry.get(key, (float("nan"), float("nan")))
@@ -252,11 +292,15 @@ def main(argv: list[str] | None = None) -> None:
     scoring = f", scored with {args.score_overrides}" if args.score_overrides else ""
     print(f"\nscale {args.scale}, overrides {args.overrides or 'none'}{scoring}, seeds {args.seeds}; "
           "mean ± sample std, %\n")
+    differences = paired(results, args.against, args.modes) if args.against else []
+    if differences:
+        text += ("\n\nPaired differences (seed by seed; mean ± standard error, points):\n\n"
+                 + paired_markdown(differences))
     print(text)
     (out / f"summary{tag}.md").write_text(text + "\n")
     (out / f"summary{tag}.json").write_text(json.dumps({"scale": args.scale, "overrides": overrides,
                                                         "score_overrides": args.score_overrides, "seeds": args.seeds,
-                                                        "table": table}, indent=1) + "\n")
+                                                        "table": table, "paired": differences}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

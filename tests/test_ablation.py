@@ -119,3 +119,21 @@ def test_a_stopped_runner_stops_the_trainings_it_started(tmp_path, monkeypatch):
         ablation.train_all([("full", 0, tmp_path / "a"), ("full", 1, tmp_path / "b")], [], parallel=2)
     assert len(started) == 2 and all(proc.returncode is not None for proc in started)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_paired_differences_are_seed_by_seed():
+    results = {"agw": {0: {"off": {"rank1": 0.30, "mAP": 0.40}}, 1: {"off": {"rank1": 0.20, "mAP": 0.30}},
+                       2: {"off": {"rank1": 0.25, "mAP": 0.35}}},
+               "full": {0: {"transductive": {"rank1": 0.33, "mAP": 0.41}, "off": {"rank1": 0.31, "mAP": 0.40}},
+                        1: {"transductive": {"rank1": 0.21, "mAP": 0.34}, "off": {"rank1": 0.19, "mAP": 0.29}}}}
+    rows = {(e["row"], e["mode"]): e for e in ablation.paired(results, "agw", ["transductive", "off"])}
+    assert set(rows) == {("full", "transductive"), ("full", "off")}  # the reference itself is left out
+    mean, se, above, below = rows[("full", "transductive")]["rank1"]
+    assert rows[("full", "transductive")]["seeds"] == 2  # seed 2 has no full run: not paired
+    assert mean == pytest.approx(0.02) and se == pytest.approx(0.01) and (above, below) == (2, 0)
+    mean, se, above, below = rows[("full", "off")]["mAP"]
+    assert mean == pytest.approx(-0.005) and se == pytest.approx(0.005) and (above, below) == (0, 1)
+    assert "| full | transductive | agw:off | 2 | +2.00 ± 1.00 (2 above, 0 below) |" in ablation.paired_markdown(
+        list(rows.values()))
+    with pytest.raises(SystemExit, match="row 'caj'"):
+        ablation.paired(results, "caj", ["off"])
