@@ -92,13 +92,16 @@ def model_score_fn(model: nn.Module, mode: str, device: torch.device) -> ScoreFn
     return score
 
 
-def model_from_checkpoint(state: dict, source: str) -> tuple[nn.Module, Config]:
-    """Rebuild the model a checkpoint was trained as, and load its weights."""
-    from cmssft.models import build_model
+def model_from_checkpoint(state: dict, source: str, test_time: Config | None = None) -> tuple[nn.Module, Config]:
+    """Rebuild the model a checkpoint was trained as, and load its weights; ``test_time`` (a ``--config``)
+    sets the test-time choices (:func:`~cmssft.models.apply_test_time`). Returns the trained config."""
+    from cmssft.models import apply_test_time, build_model
 
     trained_cfg = config_from_dict(state["config"])
     build_cfg = copy.deepcopy(trained_cfg)
     build_cfg.model.pretrained = "none"  # the checkpoint brings every weight
+    if test_time is not None:
+        apply_test_time(build_cfg, test_time)
     model = build_model(build_cfg, state["num_classes"])
     load_model_state(model, state["model"], source)
     return model, trained_cfg
@@ -120,15 +123,16 @@ def scorer_state(state: Mapping) -> ScorerState:
 
 def scorer_score_fn(
     config: Mapping, tensors: Mapping[str, torch.Tensor | np.ndarray], mode: str, device: torch.device | str,
-    source: str,
+    source: str, test_time: Config | None = None,
 ) -> ScoreFn:
     """The scoring of the checkpoint whose config and ``sstn.*`` tensors these are, without its backbone.
 
-    Equal to :func:`model_score_fn` of that checkpoint's model for the same banks and mode.
+    Equal to :func:`model_score_fn` of that checkpoint's model for the same banks, mode and ``test_time``.
     """
-    from cmssft.models import build_bank_scorer
+    from cmssft.models import apply_test_time, build_bank_scorer
 
-    scorer = build_bank_scorer(config_from_dict(dict(config)))
+    scorer_cfg = config_from_dict(dict(config))
+    scorer = build_bank_scorer(apply_test_time(scorer_cfg, test_time) if test_time is not None else scorer_cfg)
     load_model_state(scorer, {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}, source)
     device = torch.device(device)
     return model_score_fn(scorer.to(device), mode, device)
@@ -147,11 +151,11 @@ def extract_checkpoint(cfg: Config, checkpoint_path: str | Path, samples: Sequen
     """Features of ``samples`` from a trained checkpoint, its scoring function and scorer state.
 
     The architecture comes from the checkpoint; data settings and the test-time
-    SSTN mode come from ``cfg`` (so ``model.sstn.test_mode=...`` can be changed
-    at evaluation time).
+    choices come from ``cfg`` (so ``model.sstn.test_mode=...`` or
+    ``model.agw.test_feature=...`` can be changed at evaluation time).
     """
     state = load_checkpoint(checkpoint_path)
-    model, _ = model_from_checkpoint(state, str(checkpoint_path))
+    model, _ = model_from_checkpoint(state, str(checkpoint_path), test_time=cfg)
     device = resolve_device(cfg.train.device)
     model.to(device)
     loader = build_test_loader(cfg, samples, device_is_cuda=device.type == "cuda")

@@ -114,8 +114,11 @@ def build_units(cfg: Config, name: str, args: argparse.Namespace) -> list[Unit]:
     return [Unit(dataset, protocol, -1)]
 
 
-def features_source(template: str, data_name: str, mode: str, device: str | None) -> BankSource:
-    """Banks from a features file; files that hold the checkpoint's scorer are scored with it in ``mode``."""
+def features_source(
+    template: str, data_name: str, mode: str, device: str | None, test_time: Config | None = None
+) -> BankSource:
+    """Banks from a features file; files that hold the checkpoint's scorer are scored with it in ``mode``
+    (and ``test_time``'s other test-time choices, e.g. AGW's test feature)."""
     cache: dict[Path, FeatureFile] = {}
 
     def source(dataset: CrossModalDataset, protocol: P.Protocol, trial: int) -> tuple[Bank, ScoreFn | None]:
@@ -133,8 +136,8 @@ def features_source(template: str, data_name: str, mode: str, device: str | None
         from cmssft.engine.inference import scorer_score_fn
 
         score_fn = scorer_score_fn(data.scorer_config, data.scorer_state, mode, device or "cpu",
-                                   f"features file {path}")
-        return Scored(bank, score_fn, _mode_if_transfer(data.scorer_config, mode))
+                                   f"features file {path}", test_time)
+        return Scored(bank, score_fn, _mode_if_transfer(data.scorer_config, mode, test_time))
 
     return source
 
@@ -159,17 +162,25 @@ def checkpoint_source(cfg: Config, template: str, save_template: str | None = No
             out = trial_path(save_template, trial) if trial >= 0 else Path(save_template)
             bank = extraction.bank
             save_features(out, [candidate_key(s, dataset.root) for s in samples], bank["shared"],
-                          specific=bank.get("specific"), modality=bank["modality"],
+                          specific=bank.get("specific"), pool=bank.get("pool"), modality=bank["modality"],
                           scorer_config=extraction.scorer.config, scorer_state=extraction.scorer.tensors)
             log.info("features of %d images written to %s", len(samples), out)
-        scoring = _mode_if_transfer(extraction.scorer.config, cfg.model.sstn.test_mode)
+        scoring = _mode_if_transfer(extraction.scorer.config, cfg.model.sstn.test_mode, cfg)
         return Scored(extraction.bank, extraction.score_fn, scoring)
 
     return source
 
 
-def _mode_if_transfer(model_config: dict, mode: str) -> str:
-    """The SSTN test mode a model scores in; a model trained without SSTN always scores ``off``."""
+def _mode_if_transfer(model_config: dict, mode: str, test_time: Config | None = None) -> str:
+    """The SSTN test mode a model scores in; a model trained without SSTN always scores ``off``; a model
+    without SSTN test modes (AGW) says how it ranks instead (with ``test_time``'s choices)."""
+    from cmssft.config import config_from_dict
+    from cmssft.models import apply_test_time, fixed_scoring
+
+    trained = config_from_dict(dict(model_config))
+    fixed = fixed_scoring(apply_test_time(trained, test_time) if test_time is not None else trained)
+    if fixed is not None:
+        return fixed
     return mode if model_config.get("model", {}).get("sstn", {}).get("enabled", True) else "off"
 
 
@@ -198,8 +209,8 @@ def run(cfg: Config, args: argparse.Namespace) -> tuple[dict, P.Protocol]:
     name = resolve_protocol(cfg)
     units = build_units(cfg, name, args)
     check_save_features(args, units)
-    source = (features_source(args.features, cfg.data.name, cfg.model.sstn.test_mode, args.device) if args.features
-              else checkpoint_source(cfg, args.checkpoint, args.save_features))
+    source = (features_source(args.features, cfg.data.name, cfg.model.sstn.test_mode, args.device, cfg)
+              if args.features else checkpoint_source(cfg, args.checkpoint, args.save_features))
     results: list[TrialResult] = []
     scoring = None
     for unit in units:
