@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 MODES = ("transductive", "single_query", "off", "off+rerank")
-SCORE_KEYS = ("model.sstn.", "eval.")  # what --score-set may change: scoring, not training
+SCORE_KEYS = ("model.sstn.", "model.agw.test_feature", "eval.")  # what --score-set may change: scoring only
 GRAPH_KEYS = ("query_cross_edges", "cross_same_id_edges", "cross_same_id_weight", "query_same_id_candidates")
 
 
@@ -185,8 +185,8 @@ def score_modes(run_dir: Path, modes: list[str], score_overrides: list[str] | No
     bank = extract_features(model, loader, device, flip=cfg.eval.flip, progress=False)
     out = {}
     for mode in modes:
-        if model.sstn is None and mode in ("transductive", "single_query"):
-            continue  # no transfer: every mode is off
+        if getattr(model, "sstn", None) is None and mode in ("transductive", "single_query"):
+            continue  # no transfer (cm-SSFT without SSTN, AGW): every mode is off
         base, rerank = mode.removesuffix("+rerank"), mode.endswith("+rerank")
         evaluator = Evaluator(model_score_fn(model, base, device), rerank=rerank)
         summary = summarize(protocol.name, evaluator.evaluate(protocol, bank))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 
 import pytest
 import torch
@@ -27,6 +28,9 @@ from cmssft.models.sstn import MODES
 from cmssft.search import main as search_main
 
 from .conftest import REPO_ROOT, TINY_DATA, schema_config_copy
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import ablation  # noqa: E402
 
 NUM_CLASSES = 4
 AGW_TINY = ["model.name=agw", "model.non_local=[0,1,1,0]", "model.pooling=gem", "model.gem_learn_p=false"]
@@ -333,14 +337,29 @@ def test_ablation_rows_on_agws_parts(row, module_scratch):
         assert cfg.model.name == "agw" and cfg.data.random_erasing == 0 and cfg.loss.label_smoothing == 0
 
 
-def test_agw_ablation_row_trains(module_scratch, sysu_root):
+@pytest.fixture(scope="module")
+def agw_row_run(module_scratch, sysu_root):
+    """configs/ablation/agw.yaml trained for 2 steps on the generated tree."""
     config = schema_config_copy(REPO_ROOT / "configs" / "ablation" / "agw.yaml", module_scratch / "row.yaml")
     run_dir = module_scratch / "agw_row"
     assert train_main(["--config", str(config), "--run-dir", str(run_dir), f"data.root={sysu_root}",
                        "model.pretrained=none", "train.epochs=1", "train.iters_per_epoch=2", "train.device=cpu",
                        "data.ids_per_batch=2", "data.images_per_id=2", "eval.trials=1"]) == 0
-    assert (run_dir / "best.pth").is_file()
-    log = (run_dir / "log.txt").read_text()
+    return run_dir
+
+
+def test_agw_ablation_row_trains(agw_row_run):
+    assert (agw_row_run / "best.pth").is_file()
+    log = (agw_row_run / "log.txt").read_text()
     assert "test, cosine of AGW's FC features" in log
+    assert "test, off" not in log  # the demo compares with the off mode; AGW has none
     assert log.count("model.name=agw ignores cm-SSFT settings: model.specific_from=layer4\n") == 1  # the demo's
+
+
+def test_the_ablation_runner_scores_an_agw_row(agw_row_run):
+    scores = ablation.score_modes(agw_row_run, ["transductive", "single_query", "off", "off+rerank"])
+    assert set(scores) == {"off", "off+rerank"}  # no transfer: the SSTN modes are not scored
+    pool = ablation.score_modes(agw_row_run, ["off"], ["model.agw.test_feature=pool"])
+    assert pool["off"]["mAP"] != scores["off"]["mAP"]
+    assert ablation.parse_args(["--score-set", "model.agw.test_feature=pool"]).score_overrides
 
