@@ -242,11 +242,14 @@ def test_eval_py_scores_the_converted_checkpoint(converted, sysu_root, tmp_path,
 def test_the_convert_command_says_what_it_wrote(module_scratch, capsys):
     source = module_scratch / "bare.t"
     state = public_state_dict(seed=1)
-    torch.save({f"module.{k}": v for k, v in state.items() if not is_dropped(k)}, source)  # bare, DataParallel keys
+    used = {k: v for k, v in state.items() if not is_dropped(k)}
+    fc = {"visible_module.visible.fc.weight": torch.zeros(1000, 2048),  # a torchvision-built stem would have one
+          "visible_module.visible.fc.bias": torch.zeros(1000)}
+    torch.save({f"module.{k}": v for k, v in {**used, **fc}.items()}, source)  # bare, DataParallel keys, with an fc
     assert run_cli(main, ["--from", "agw", str(source), "--out", str(module_scratch / "bare.pth")]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"wrote {module_scratch / 'bare.pth'}: AGW ResNet-50, {NUM_CLASSES} classes")
-    assert "0 unused ones dropped" in line
+    assert f"{len(used)} entries used, 2 unused ones dropped" in line
     assert load_checkpoint(module_scratch / "bare.pth")["converted_from"] == {"format": "agw", "file": "bare.t"}
 
 

@@ -49,11 +49,11 @@ class NonLocalBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        theta = self.theta(x).flatten(2).transpose(1, 2)  # [B, N, w]
-        phi = self.phi(x).flatten(2)  # [B, w, N]
-        g = self.g(x).flatten(2).transpose(1, 2)  # [B, N, w]
-        y = theta @ (phi @ g) / (h * w)  # [B, N, w] = (theta phi / N) g
-        y = y.transpose(1, 2).reshape(b, self.width, h, w)
+        theta = self.theta(x).flatten(2).transpose(1, 2).float()  # [B, N, w]; fp32: sums over N overflow fp16
+        phi = self.phi(x).flatten(2).float()  # [B, w, N]
+        g = self.g(x).flatten(2).transpose(1, 2).float()  # [B, N, w]
+        y = theta @ ((phi @ g) / (h * w))  # [B, N, w] = (theta phi / N) g
+        y = y.transpose(1, 2).reshape(b, self.width, h, w).to(x.dtype)
         return x + self.w_bn(self.w_conv(y))
 
 
