@@ -172,7 +172,7 @@ def score_modes(run_dir: Path, modes: list[str], score_overrides: list[str] | No
     from cmssft.utils.runtime import resolve_device
 
     cfg = load_config(run_dir / "config.yaml", score_overrides)
-    model = load_trained_model(run_dir / "best.pth", score_overrides or []).model
+    model = load_trained_model(run_dir / "best.pth", score_overrides or [], test_time=cfg).model
     device = resolve_device(cfg.train.device)
     model.to(device)
     d = cfg.data
@@ -183,7 +183,7 @@ def score_modes(run_dir: Path, modes: list[str], score_overrides: list[str] | No
     out = {}
     for mode in modes:
         if getattr(model, "sstn", None) is None and mode in ("transductive", "single_query"):
-            continue  # no transfer: every mode is off
+            continue  # no transfer (cm-SSFT without SSTN, AGW): every mode is off
         base, rerank = mode.removesuffix("+rerank"), mode.endswith("+rerank")
         evaluator = Evaluator(model_score_fn(model, base, device), rerank=rerank)
         summary = summarize(protocol.name, evaluator.evaluate(protocol, bank))

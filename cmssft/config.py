@@ -99,16 +99,38 @@ class SSTNConfig:
     test_intra_k: int = 0
 
 
+# Blocks per stage (layer1..layer4) of each backbone: the bound of model.non_local.
+RESNET_BLOCKS: dict[str, tuple[int, int, int, int]] = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}
+
+
+@dataclass
+class AGWConfig:
+    """Settings of AGW alone (``model.name=agw``); the parts it shares with cm-SSFT are ``model.*`` keys."""
+
+    # test-time feature: "fc" the BN-necked one (what the AGW paper reports, docs/METHOD.md), "pool" the pooled one
+    test_feature: Literal["fc", "pool"] = "fc"
+
+
 @dataclass
 class ModelConfig:
-    name: str = "cmssft"  # builder registered in cmssft.registry.MODELS
+    # Keys up to non_local_width serve every model; shared_from .. recon_downsample and sstn are cm-SSFT's
+    # (kept here for the configs and checkpoints that have them); a newer model's own keys live in its
+    # sub-section (model.agw), so adding a model does not widen cm-SSFT's settings.
+    name: str = "cmssft"  # builder registered in cmssft.registry.MODELS: cmssft | agw
     backbone: Literal["resnet50", "resnet18"] = "resnet50"
     pretrained: str = "imagenet"  # none | imagenet | /path/to/state_dict.pth
     download_timeout: float = 10.0  # seconds allowed to reach the ImageNet weights server before UserError
     last_stride: int = 1  # stride of layer4 (1 keeps a 2x larger final map)
     pooling: Literal["avg", "gem"] = "avg"  # global pooling of the last feature map
-    gem_p: float = 3.0  # initial (learned) GeM exponent
+    gem_p: float = 3.0  # GeM exponent (its initial value when learned)
+    # true: GeM learns p (clamp(x, 1e-6)^p); false: p stays fixed, AGW's form (mean(x^p) + 1e-12)^(1/p)
+    gem_learn_p: bool = True
     bnneck: bool = True  # BatchNorm1d (bias frozen) between pooled features and the classifiers
+    # non-local blocks after the last n blocks of layer1..layer4, in every copy of the stage (AGW: [0, 2, 3, 0])
+    non_local: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    # intermediate channels of each non-local block: 1 is AGW's public code (reduc_ratio // reduc_ratio);
+    # the non-local paper uses C/2
+    non_local_width: int = 1
     # (?) where the streams split; stages before shared_from are per-modality (conv1: none are)
     shared_from: Literal["conv1", "layer1", "layer2", "layer3", "layer4"] = "layer2"  # first shared stage
     specific_from: Literal["layer2", "layer3", "layer4"] = "layer3"  # first per-modality stage of h_sp
@@ -125,6 +147,7 @@ class ModelConfig:
     project_space: Literal["pooled", "neck"] = "pooled"
     head_hidden: int = 512  # hidden width of the discriminator and projector MLPs
     recon_downsample: int = 8  # reconstruction target: the input average-pooled by this factor
+    agw: AGWConfig = field(default_factory=AGWConfig)  # AGW's own keys (model.name=agw)
 
 
 @dataclass
@@ -504,6 +527,8 @@ RANGES: dict[str, Range] = {
     "model.download_timeout": POSITIVE,
     "model.last_stride": Range(1, 2),
     "model.gem_p": POSITIVE,
+    "model.non_local": AT_LEAST_0,
+    "model.non_local_width": AT_LEAST_1,
     "model.grl_modality": AT_LEAST_0,
     "model.grl_project": AT_LEAST_0,
     "model.head_hidden": AT_LEAST_1,
@@ -553,6 +578,7 @@ TEST_TIME_MODEL_KEYS: tuple[str, ...] = (
     "model.sstn.off_features",
     "model.sstn.chunk",
     "model.sstn.test_intra_k",
+    "model.agw.test_feature",
 )
 # Model keys a checkpoint makes moot: it brings every weight itself.
 CHECKPOINT_MOOT_KEYS: tuple[str, ...] = ("model.pretrained", "model.download_timeout")
@@ -618,6 +644,19 @@ def _check_combinations(cfg: Config) -> None:
     if sstn.cross_k > sstn.topk:
         raise ConfigError(f"model.sstn.cross_k: {sstn.cross_k} is more than model.sstn.topk={sstn.topk}; allowed: "
                           f"[-1, {sstn.topk}] (-1: all {sstn.topk} from the other modality)")
+    _check_non_local(cfg.model)
     if cfg.train.optimizer == "sgd" and cfg.train.momentum <= 0:
         raise ConfigError("train.momentum: 0 is out of range for train.optimizer=sgd (Nesterov momentum); "
                           "allowed: (0, 1)")
+
+
+def _check_non_local(model: ModelConfig) -> None:
+    """``model.non_local``: one count per stage, none larger than that stage's blocks."""
+    blocks = RESNET_BLOCKS[model.backbone]
+    counts = model.non_local
+    if len(counts) != len(blocks):
+        raise ConfigError(f"model.non_local: {counts} must hold {len(blocks)} counts, one per stage layer1..layer4")
+    for stage, (count, limit) in enumerate(zip(counts, blocks, strict=True), start=1):
+        if count > limit:
+            raise ConfigError(f"model.non_local[{stage - 1}]: {count} is more than the {limit} blocks of "
+                              f"{model.backbone} layer{stage}; allowed: [0, {limit}] per stage ({list(blocks)})")

@@ -10,8 +10,10 @@ images      float32  [B, 3, H, W]  RGB order, scaled to [0, 1], normalised with 
                                    and std; H x W = the checkpoint's data.height x data.width;
                                    IR images as gray replicated to 3 channels
 modality    int64    [B]           0 RGB, 1 IR per image (absent with ``--modality rgb|ir``)
-shared      float32  [B, C]        output: the bank's shared part (BN-neck features)
-specific    float32  [B, C]        output: the modality-specific part (models with that branch)
+shared      float32  [B, C]        output: the bank's shared part (BN-neck features; AGW: its "FC"
+                                   feature, L2-normalised)
+specific    float32  [B, C]        output: cm-SSFT's modality-specific part (models with that branch)
+pool        float32  [B, C]        output: AGW's pooled ("POOL") feature, L2-normalised (AGW only)
 ==========  =======  ============  ==========================================================
 
 B is dynamic. These are the features evaluation extracts (the image and its mirror averaged when
@@ -46,13 +48,15 @@ EXPORTERS = ("torchscript", "dynamo")
 
 
 class FeatureGraph(nn.Module):
-    """(images [B, 3, H, W], modality [B]) -> (shared [B, C], specific [B, C]): the bank features,
-    with no data-dependent shapes; with one modality, images -> features of that modality."""
+    """(images [B, 3, H, W], modality [B]) -> the bank features the model names in ``bank_parts`` (cm-SSFT:
+    shared, specific; AGW: shared, pool), each [B, C], with no data-dependent shapes; with one modality,
+    images -> features of that modality."""
 
     def __init__(self, model: nn.Module, modalities: Sequence[int] = (0, 1), flip: bool = True) -> None:
         super().__init__()
-        if not hasattr(model, "extract_modality"):
-            raise UserError(f"{type(model).__name__} has no extract_modality: only cm-SSFT models are exported")
+        if not hasattr(model, "extract_modality") or not hasattr(model, "bank_parts"):
+            raise UserError(f"{type(model).__name__} cannot be exported: it lacks extract_modality or bank_parts "
+                            "(cm-SSFT and AGW have both)")
         self.model = model.eval()
         self.modalities = tuple(modalities)
         self.flip = flip
@@ -63,7 +67,7 @@ class FeatureGraph(nn.Module):
         if self.flip:
             mirrored = self.model.extract_modality(images.flip(-1), modality)
             bank = {k: (v + mirrored[k]) / 2 for k, v in bank.items()}
-        return [bank[k] for k in ("shared", "specific") if k in bank]
+        return [bank[k] for k in self.model.bank_parts]
 
     def forward(self, images: torch.Tensor, modality: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         outputs = self.features(images, self.modalities[0])
@@ -75,7 +79,7 @@ class FeatureGraph(nn.Module):
 
 
 def output_names(model: nn.Module) -> list[str]:
-    return ["shared", "specific"] if model.extractor.has_specific else ["shared"]
+    return list(model.bank_parts)
 
 
 def export_onnx(graph: FeatureGraph, height: int, width: int, path: Path, opset: int = OPSET,

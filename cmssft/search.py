@@ -52,6 +52,7 @@ from cmssft.errors import DatasetError, UserError
 from cmssft.evaluation.features_io import save_features
 from cmssft.evaluation.metrics import ranked_top_k
 from cmssft.evaluation.visualize import captioned_ranked_list, save_png
+from cmssft.models import fixed_scoring
 from cmssft.models.sstn import MODES
 from cmssft.utils.runtime import resolve_device
 
@@ -268,13 +269,15 @@ def write_results_csv(path: Path, query: Side, gallery: Side, index: torch.Tenso
 def save_side_features(path: Path, side: Side, scorer: ScorerState) -> None:
     bank = side.bank
     save_features(path, [e.name for e in side.entries], bank["shared"], specific=bank.get("specific"),
-                  modality=bank["modality"], scorer_config=scorer.config, scorer_state=scorer.tensors)
+                  pool=bank.get("pool"), modality=bank["modality"], scorer_config=scorer.config,
+                  scorer_state=scorer.tensors)
 
 
 def draw_pictures(
-    folder: Path, query: Side, gallery: Side, index: torch.Tensor, dist: torch.Tensor, mode: str, limit: int | None
+    folder: Path, query: Side, gallery: Side, index: torch.Tensor, dist: torch.Tensor, scoring: str, limit: int | None
 ) -> int:
-    """One PNG per query (the first ``limit``): title, query, then the top-k with rank and distance."""
+    """One PNG per query (the first ``limit``): title (``scoring``: how distances were computed), query, then
+    the top-k with rank and distance."""
     folder.mkdir(parents=True, exist_ok=True)
     count = len(query.entries) if limit is None else min(limit, len(query.entries))
     gallery_modalities = "/".join(sorted({m.name for m in gallery.modality}))
@@ -284,7 +287,7 @@ def draw_pictures(
                                                     _short_name(gallery.entries[gi].name)])
                   for r, (gi, d) in enumerate(zip(index[qi].tolist(), dist[qi].tolist(), strict=True), start=1)]
         title = [f"query {qi + 1}: {entry.name} ({query.modality[qi].name}, {query.rules[qi]})",
-                 f"top {len(ranked)} of {len(gallery.entries)} gallery images ({gallery_modalities}), SSTN {mode}"]
+                 f"top {len(ranked)} of {len(gallery.entries)} gallery images ({gallery_modalities}), {scoring}"]
         image = captioned_ranked_list(str(entry.path), ["query", query.modality[qi].name, _short_name(entry.name)],
                                       ranked, title)
         save_png(image, folder / f"{qi + 1:05d}_{_safe(entry.name)}.png")
@@ -352,6 +355,7 @@ def search(args: argparse.Namespace) -> None:
     except OSError as err:
         raise UserError(f"--out {out} cannot be created ({err.strerror or err})") from None
     mode = args.mode or cfg.model.sstn.test_mode
+    scoring = fixed_scoring(cfg) or f"SSTN {mode}"
     sides = {}
     for role in ("query", "gallery"):
         side = extract_side(model, entries[role], role, cfg, device, args.batch_size or cfg.eval.batch_size,
@@ -370,8 +374,8 @@ def search(args: argparse.Namespace) -> None:
     write_images_csv(out / "images.csv", [query, gallery])
     for side in (query, gallery):
         save_side_features(out / f"{side.role}_features.npz", side, scorer)
-    drawn = draw_pictures(out / "pictures", query, gallery, index, values, mode, args.pictures)
-    print(f"ranked {len(gallery.entries)} gallery images for {len(query.entries)} queries (SSTN {mode}, "
+    drawn = draw_pictures(out / "pictures", query, gallery, index, values, scoring, args.pictures)
+    print(f"ranked {len(gallery.entries)} gallery images for {len(query.entries)} queries ({scoring}, "
           f"{cfg.data.height}x{cfg.data.width} input): {out / 'results.csv'} (top {index.shape[1]}), "
           f"{drawn} pictures in {out / 'pictures'}, features in {out}/{{query,gallery}}_features.npz")
 

@@ -169,7 +169,7 @@ def load_checkpoint(
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = _unpickling_reason(str(err))
+        reason = unpickling_reason(str(err))
         if "global" in reason.lower():  # a reference to a function or class: what a crafted pickle calls
             raise UserError(
                 f"checkpoint {path} was refused and nothing in it was run: it names a Python object, not only "
@@ -190,7 +190,7 @@ def load_checkpoint(
     return state
 
 
-def _unpickling_reason(message: str) -> str:
+def unpickling_reason(message: str) -> str:
     """The one informative line of torch's weights-only refusal (which spans a dozen lines)."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     for line in lines:

@@ -26,6 +26,7 @@ from cmssft.evaluation.build import build_protocol, resolve_protocol
 from cmssft.evaluation.evaluator import Evaluator
 from cmssft.evaluation.report import format_table, summarize, table_title, test_time_settings
 from cmssft.evaluation.visualize import ranked_lists_image, save_png
+from cmssft.models import fixed_scoring
 
 LOG = logging.getLogger("cmssft")
 PICTURE_QUERIES = 6
@@ -108,7 +109,9 @@ class ProtocolEvaluation:
         summary = summary or self.last_summary
         if summary is None:
             return ""
-        mode = mode or (self.cfg.model.sstn.test_mode if self.cfg.model.sstn.enabled else None)
+        if mode is None:  # the configured scoring: AGW's test feature, cm-SSFT's test mode (none without SSTN)
+            sstn = self.cfg.model.sstn
+            mode = fixed_scoring(self.cfg) or (sstn.test_mode if sstn.enabled else None)
         settings = test_time_settings(self.cfg, self.cfg.eval, flip=self.cfg.eval.flip)
         return format_table(summary, title=table_title(self.split, mode, self.protocol.description, settings))
 

@@ -98,11 +98,18 @@ def model_score_fn(model: nn.Module, mode: str, device: torch.device) -> ScoreFn
     return score
 
 
-def model_from_checkpoint(state: dict, source: str, overrides: Sequence[str] = ()) -> tuple[nn.Module, Config]:
-    """Rebuild the model a checkpoint was trained as (with test-time ``overrides``) and load its weights."""
-    from cmssft.models import build_model
+def model_from_checkpoint(
+    state: dict, source: str, overrides: Sequence[str] = (), test_time: Config | None = None
+) -> tuple[nn.Module, Config]:
+    """Rebuild the model a checkpoint was trained as and load its weights. Test-time ``overrides``
+    (:func:`~cmssft.config.test_time_config`) change its settings; ``test_time`` (a ``--config``) picks the
+    choices a config makes at evaluation (:func:`~cmssft.models.apply_test_time`, e.g. AGW's test feature).
+    Returns the model and the config it now scores with."""
+    from cmssft.models import apply_test_time, build_model
 
     trained_cfg = test_time_config(state["config"], overrides, source)
+    if test_time is not None:
+        apply_test_time(trained_cfg, test_time)
     build_cfg = copy.deepcopy(trained_cfg)
     build_cfg.model.pretrained = "none"  # the checkpoint brings every weight
     model = build_model(build_cfg, state["num_classes"])
@@ -138,16 +145,17 @@ def scorer_state(state: Mapping) -> ScorerState:
 
 def scorer_score_fn(
     config: Mapping, tensors: Mapping[str, torch.Tensor | np.ndarray], mode: str, device: torch.device | str,
-    source: str, overrides: Sequence[str] = (),
+    source: str, overrides: Sequence[str] = (), test_time: Config | None = None,
 ) -> ScoreFn:
     """The scoring of the checkpoint whose config and ``sstn.*`` tensors these are, without its backbone
-    (with test-time ``overrides``, as :func:`model_from_checkpoint` applies them).
+    (with test-time ``overrides`` and ``test_time``, as :func:`model_from_checkpoint` applies them).
 
-    Equal to :func:`model_score_fn` of that checkpoint's model for the same banks, mode and overrides.
+    Equal to :func:`model_score_fn` of that checkpoint's model for the same banks, mode and settings.
     """
-    from cmssft.models import build_bank_scorer
+    from cmssft.models import apply_test_time, build_bank_scorer
 
-    scorer = build_bank_scorer(test_time_config(config, overrides, source))
+    scorer_cfg = test_time_config(config, overrides, source)
+    scorer = build_bank_scorer(apply_test_time(scorer_cfg, test_time) if test_time is not None else scorer_cfg)
     weights = {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}
     _load_with_overrides(scorer, weights, source, overrides)
     device = torch.device(device)
@@ -173,10 +181,13 @@ class LoadedCheckpoint:
     scorer: ScorerState
 
 
-def load_trained_model(checkpoint_path: str | Path, overrides: Sequence[str] = ()) -> LoadedCheckpoint:
-    """The model of a checkpoint file with test-time ``overrides`` (:func:`test_time_config`)."""
+def load_trained_model(
+    checkpoint_path: str | Path, overrides: Sequence[str] = (), test_time: Config | None = None
+) -> LoadedCheckpoint:
+    """The model of a checkpoint file with test-time ``overrides`` and ``test_time`` choices
+    (:func:`model_from_checkpoint`)."""
     state = load_checkpoint(checkpoint_path)
-    model, config = model_from_checkpoint(state, str(checkpoint_path), overrides)
+    model, config = model_from_checkpoint(state, str(checkpoint_path), overrides, test_time)
     scorer = scorer_state(state)
     scorer.config = {**scorer.config, "model": config_to_dict(config)["model"]}  # a features file scores alike
     return LoadedCheckpoint(model, config, scorer)
@@ -188,10 +199,11 @@ def extract_checkpoint(
     """Features of ``samples`` from a trained checkpoint, its scoring function and scorer state.
 
     The architecture and the test-time settings come from the checkpoint, changed by the test-time
-    ``model.*`` items of ``overrides``; data settings, ``eval.*`` and the SSTN test mode
-    (``model.sstn.test_mode``) come from ``cfg``.
+    ``model.*`` items of ``overrides``; data settings, ``eval.*`` and the choices a config makes at
+    evaluation (``model.sstn.test_mode``, ``model.agw.test_feature``) come from ``cfg``.
     """
-    loaded = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_trained_model(checkpoint, overrides)
+    loaded = (checkpoint if isinstance(checkpoint, LoadedCheckpoint)
+              else load_trained_model(checkpoint, overrides, test_time=cfg))
     device = resolve_device(cfg.train.device)
     model = loaded.model.to(device)
     loader = build_test_loader(cfg, samples, device_is_cuda=device.type == "cuda")

@@ -237,15 +237,17 @@ class FeaturesSource(ModelSource):
             self.test_time = test_time_settings(None, self.cfg.eval)
             return Scored(bank, None, None)
         from cmssft.engine.inference import scorer_score_fn
+        from cmssft.models import apply_test_time
 
         source = f"features file {path}"
         mode = self.cfg.model.sstn.test_mode
-        _check_rerank(self.cfg, _mode_if_transfer(data.scorer_config, mode))
-        model_cfg = test_time_config(data.scorer_config, self.overrides, source)
+        model_cfg = apply_test_time(test_time_config(data.scorer_config, self.overrides, source), self.cfg)
+        scoring = _scoring(model_cfg, mode)
+        _check_rerank(self.cfg, scoring)
         self.test_time = test_time_settings(model_cfg, self.cfg.eval, flip=None)
         score_fn = scorer_score_fn(data.scorer_config, data.scorer_state, mode, self.device or "cpu", source,
-                                   self.overrides)
-        return Scored(bank, score_fn, _mode_if_transfer(data.scorer_config, mode))
+                                   self.overrides, test_time=self.cfg)
+        return Scored(bank, score_fn, scoring)
 
 
 class CheckpointSource(ModelSource):
@@ -269,7 +271,7 @@ class CheckpointSource(ModelSource):
             raise
         if path not in self._cache:
             self._cache.clear()
-            self._cache[path] = load_trained_model(path, self.overrides)
+            self._cache[path] = load_trained_model(path, self.overrides, test_time=self.cfg)
         return self._cache[path]
 
     def trained_config(self, path: Path) -> dict | None:
@@ -281,7 +283,7 @@ class CheckpointSource(ModelSource):
         path = self.path(trial)
         loaded = self.load(path)
         self.check_trial(path, trial)
-        scoring = _mode_if_transfer(loaded.scorer.config, self.cfg.model.sstn.test_mode)
+        scoring = _scoring(loaded.config, self.cfg.model.sstn.test_mode)
         _check_rerank(self.cfg, scoring)
         samples: list[Sample] = protocol.candidates
         extraction = extract_checkpoint(self.cfg, loaded, samples)
@@ -289,7 +291,7 @@ class CheckpointSource(ModelSource):
             out = trial_path(self.save_template, trial) if trial >= 0 else Path(self.save_template)
             bank = extraction.bank
             save_features(out, [candidate_key(s, dataset.root) for s in samples], bank["shared"],
-                          specific=bank.get("specific"), modality=bank["modality"],
+                          specific=bank.get("specific"), pool=bank.get("pool"), modality=bank["modality"],
                           scorer_config=extraction.scorer.config, scorer_state=extraction.scorer.tensors)
             log.info("features of %d images written to %s", len(samples), out)
         self.test_time = test_time_settings(loaded.config, self.cfg.eval, flip=self.cfg.eval.flip)
@@ -304,9 +306,12 @@ def _check_rerank(cfg: Config, scoring: str | None) -> None:
                         "re-rank in model.sstn.test_mode=transductive or off")
 
 
-def _mode_if_transfer(model_config: dict, mode: str) -> str:
-    """The SSTN test mode a model scores in; a model trained without SSTN always scores ``off``."""
-    return mode if model_config.get("model", {}).get("sstn", {}).get("enabled", True) else "off"
+def _scoring(model_cfg: Config, mode: str) -> str:
+    """How a trained model (its config as it scores) ranks: the SSTN test ``mode``; ``off`` for a model trained
+    without SSTN; a model without SSTN test modes (AGW) says how it ranks instead."""
+    from cmssft.models import fixed_scoring
+
+    return fixed_scoring(model_cfg) or (mode if model_cfg.model.sstn.enabled else "off")
 
 
 def check_save_features(args: argparse.Namespace, units: list[Unit]) -> None:

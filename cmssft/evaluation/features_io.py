@@ -6,19 +6,21 @@ Format: a NumPy ``.npz`` (read with ``allow_pickle=False``) with
   slashes (``cam3/0006/0001.jpg``, ``Thermal/88/female_back_t_01102_88.bmp``);
 - ``features``: (N, D) float array, row i for ``paths[i]``;
 
-and, optionally, what a cm-SSFT checkpoint's own test-time scoring needs besides its backbone
+and, optionally, what a checkpoint's own test-time scoring needs besides its backbone
 (``eval.py --checkpoint C --save-features F.npz`` writes them all):
 
-- ``specific``: (N, D) float, the modality-specific bank part (``features`` is the shared part);
+- ``specific``: (N, D) float, cm-SSFT's modality-specific bank part (``features`` is the shared part);
+- ``pool``: (N, D) float, AGW's pooled ("POOL") feature (``features`` is its BN-necked "FC" one);
 - ``modality``: (N,) integers, 0 RGB, 1 IR;
 - ``scorer_config``: a 0-d string, the checkpoint's config as JSON (it rebuilds the SSTN);
 - ``scorer.<name>``: the checkpoint's ``sstn.*`` tensors (``scorer.sstn.neck.bn.running_mean``, ...).
 
-Files with ``scorer_config`` are scored like the checkpoint (SSTN, ``model.sstn.test_mode``);
-files without it by the cosine of ``features``. Rows may come in any order and may include
-images no protocol uses (train images); every candidate of the protocol must be present. For
-path-named datasets (SYSU-MM01, RegDB) identity, camera and modality are read from each used
-path with ``parse_sample_path`` and must agree with the dataset's own record of that image.
+Files with ``scorer_config`` are scored like the checkpoint (cm-SSFT: SSTN, ``model.sstn.test_mode``;
+AGW: the cosine of its ``model.agw.test_feature``); files without it by the cosine of ``features``.
+Rows may come in any order and may include images no protocol uses (train images); every
+candidate of the protocol must be present. For path-named datasets (SYSU-MM01, RegDB) identity,
+camera and modality are read from each used path with ``parse_sample_path`` and must agree with
+the dataset's own record of that image.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ TRIAL_PLACEHOLDER = "{trial}"
 
 SCORER_CONFIG = "scorer_config"
 SCORER_PREFIX = "scorer."
-_KNOWN = ("paths", "features", "specific", "modality", SCORER_CONFIG)
+_KNOWN = ("paths", "features", "specific", "pool", "modality", SCORER_CONFIG)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class FeatureFile:
     paths: list[str]
     features: np.ndarray  # (N, D) float: the shared bank part
     specific: np.ndarray | None = None  # (N, D') float
+    pool: np.ndarray | None = None  # (N, D) float: AGW's pooled feature
     modality: np.ndarray | None = None  # (N,) int64
     scorer_config: dict | None = None  # the checkpoint's config
     scorer_state: dict[str, np.ndarray] = field(default_factory=dict)  # sstn.* name -> array
@@ -74,6 +77,7 @@ def save_features(
     features: Tensor | np.ndarray,
     *,
     specific: Tensor | np.ndarray | None = None,
+    pool: Tensor | np.ndarray | None = None,
     modality: Tensor | np.ndarray | None = None,
     scorer_config: Mapping | None = None,
     scorer_state: Mapping[str, Tensor | np.ndarray] | None = None,
@@ -81,8 +85,9 @@ def save_features(
     """Write ``paths`` (N,) and ``features`` (N, D), and the optional parts, as :func:`read_feature_file` reads them."""
     arrays = {"paths": np.asarray([str(p) for p in paths], dtype=str),
               "features": _numpy(features).astype(np.float32)}
-    if specific is not None:
-        arrays["specific"] = _numpy(specific).astype(np.float32)
+    for key, part in (("specific", specific), ("pool", pool)):
+        if part is not None:
+            arrays[key] = _numpy(part).astype(np.float32)
     if modality is not None:
         arrays["modality"] = _numpy(modality).astype(np.int64)
     if scorer_config is not None:
@@ -116,7 +121,7 @@ def read_feature_file(path: str | Path) -> FeatureFile:
                                 f"and 'features' (N x D floats), found {', '.join(data.files) or 'nothing'}")
             paths = data["paths"]
             arrays = {}
-            for key in ("features", "specific"):
+            for key in ("features", "specific", "pool"):
                 if key in data.files:
                     mapped = _mapped_member(path, data.zip, f"{key}.npy")
                     arrays[key] = mapped if mapped is not None else data[key]
@@ -141,10 +146,13 @@ def read_feature_file(path: str | Path) -> FeatureFile:
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: 'paths' holds bytes that are not UTF-8 ({err.reason})") from None
     _refuse_repeated_paths(path, names)
-    data = FeatureFile(names, feats, _checked_specific(path, arrays.get("specific"), len(feats)),
+    data = FeatureFile(names, feats, _checked_part(path, "specific", arrays.get("specific"), len(feats)),
+                       _checked_part(path, "pool", arrays.get("pool"), len(feats)),
                        _checked_modality(path, modality, len(feats)), _checked_config(path, config),
                        _checked_state(path, state))
-    if data.has_scorer and data.specific is None and data.scorer_config.get("model", {}).get("use_specific", True):
+    model = data.scorer_config.get("model", {}) if data.has_scorer else {}
+    if data.has_scorer and data.specific is None and model.get("name", "cmssft") == "cmssft" and \
+            model.get("use_specific", True):
         raise UserError(f"{path}: '{SCORER_CONFIG}' describes a model with a specific branch, but the file has no "
                         f"'specific' array for its SSTN")
     return data
@@ -161,13 +169,13 @@ def _refuse_repeated_paths(path: Path, names: Sequence[str]) -> None:
         seen[key] = row
 
 
-def _checked_specific(path: Path, specific: np.ndarray | None, rows: int) -> np.ndarray | None:
-    if specific is None:
+def _checked_part(path: Path, name: str, part: np.ndarray | None, rows: int) -> np.ndarray | None:
+    if part is None:
         return None
-    if specific.ndim != 2 or not np.issubdtype(specific.dtype, np.floating) or specific.shape[0] != rows:
-        raise UserError(f"{path}: 'specific' must be an N x D float array with N = {rows} (one row per path), "
-                        f"got {specific.dtype} {specific.shape}")
-    return specific
+    if part.ndim != 2 or not np.issubdtype(part.dtype, np.floating) or part.shape[0] != rows:
+        raise UserError(f"{path}: '{name}' must be an N x D float array with N = {rows} (one row per path), "
+                        f"got {part.dtype} {part.shape}")
+    return part
 
 
 def _checked_modality(path: Path, modality: np.ndarray | None, rows: int) -> np.ndarray | None:
@@ -279,8 +287,9 @@ def bank_from_feature_file(
     source: str = "features file",
     protocol: str = "",
 ) -> Tensor | dict[str, Tensor]:
-    """The candidates' bank: ``{"shared", "specific", "modality"}`` rows when the file holds a scorer
-    (what the SSTN needs), else the (N, D) ``features`` rows as :func:`bank_from_features` gives them."""
+    """The candidates' bank: ``{"shared", "specific" or "pool", "modality"}`` rows when the file holds a
+    scorer (what the SSTN or AGW's test feature needs), else the (N, D) ``features`` rows as
+    :func:`bank_from_features` gives them."""
     index, keys = candidate_rows(candidates, root, data.paths, dataset_name=dataset_name, source=source,
                                  protocol=protocol)
     shared = gather_rows(data.features, index, keys, source=source, protocol=protocol)
@@ -293,8 +302,9 @@ def bank_from_feature_file(
             raise UserError(f"{source}: 'modality' disagrees with the dataset for {len(wrong)} candidate images "
                             f"(e.g. {_examples([keys[i] for i in wrong])})")
     bank = {"shared": shared, "modality": modality}
-    if data.specific is not None:
-        bank["specific"] = gather_rows(data.specific, index, keys, source=source, protocol=protocol)
+    for key, part in (("specific", data.specific), ("pool", data.pool)):
+        if part is not None:
+            bank[key] = gather_rows(part, index, keys, source=source, protocol=protocol)
     return bank
 
 

@@ -147,6 +147,8 @@ def test_time_settings(model: Config | None, evaluation: EvalConfig, flip: bool 
     (``model`` None: features without a model) and the evaluation's (``flip`` None: unknown, as for a
     features file's rows)."""
     out: dict[str, Any] = {}
+    if model is not None and model.model.name == "agw":
+        out["model.agw.test_feature"] = model.model.agw.test_feature
     if model is not None and model.model.name == "cmssft" and model.model.sstn.enabled:
         sstn = model.model.sstn
         out.update({f"model.sstn.{key}": getattr(sstn, key) for key in SHOWN_SSTN_KEYS})

@@ -3,7 +3,9 @@
 Stage names, in order: ``conv1`` (conv1, bn1, relu, maxpool), ``layer1`` .. ``layer4``.
 Weights come from nowhere (``none``), torchvision's ImageNet weights
 (``imagenet``, from the torch hub cache or downloaded with a bounded wait) or a
-state-dict file.
+state-dict file. Non-local blocks (``model.non_local``, :mod:`cmssft.models.non_local`) are
+inserted here, after the weights are loaded, so every model built on these stages gets them
+in every copy it makes of a stage.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import tempfile
 import threading
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -21,6 +24,7 @@ import torchvision
 from torch import nn
 
 from cmssft.errors import UserError
+from cmssft.models.non_local import add_non_local
 
 STAGES: tuple[str, ...] = ("conv1", "layer1", "layer2", "layer3", "layer4")
 
@@ -36,9 +40,15 @@ def feature_dim(arch: str) -> int:
 
 
 def resnet_stages(
-    arch: str, pretrained: str = "none", last_stride: int = 1, download_timeout: float = 10.0
+    arch: str,
+    pretrained: str = "none",
+    last_stride: int = 1,
+    download_timeout: float = 10.0,
+    non_local: Sequence[int] = (0, 0, 0, 0),
+    non_local_width: int = 1,
 ) -> nn.ModuleDict:
-    """Build ``arch`` with the requested weights and return its stages (no pooling, no fc)."""
+    """Build ``arch`` with the requested weights and return its stages (no pooling, no fc), with
+    ``non_local[s]`` non-local blocks of ``non_local_width`` channels after the last blocks of ``layer{s+1}``."""
     if last_stride not in (1, 2):
         raise UserError(f"model.last_stride must be 1 or 2, got {last_stride}")
     ctor, _, _ = _arch(arch)
@@ -48,7 +58,7 @@ def resnet_stages(
     elif pretrained not in ("none", ""):
         _load_into(net, _read_state_dict(Path(pretrained)), pretrained)
     _set_last_stride(net.layer4, last_stride)
-    return nn.ModuleDict(
+    stages = nn.ModuleDict(
         {
             "conv1": nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool),
             "layer1": net.layer1,
@@ -57,6 +67,7 @@ def resnet_stages(
             "layer4": net.layer4,
         }
     )
+    return add_non_local(stages, non_local, non_local_width)
 
 
 def imagenet_state_dict(arch: str, download_timeout: float = 10.0) -> dict[str, torch.Tensor]:

@@ -62,7 +62,8 @@ class CmSSFT(nn.Module):
         extractor: the two-stream backbone (its parameters form the ``backbone`` group).
         feat_dim: width C of its pooled features.
         num_classes: training identities.
-        pooling: ``avg`` or ``gem`` (one pooling module per branch).
+        pooling: ``avg`` or ``gem`` (one pooling module per branch); ``gem_learn_p``: GeM learns its
+            exponent ``gem_p`` (else it stays fixed, AGW's form).
         bnneck: BN-neck before every classifier.
         sstn: the transfer network, or None for no transfer.
         modality_head, projectors, decoders: complementary heads, or None; projectors and
@@ -90,6 +91,7 @@ class CmSSFT(nn.Module):
         off_features: str = "shared",
         num_modalities: int = 2,
         project_space: str = "pooled",
+        gem_learn_p: bool = True,
     ) -> None:
         super().__init__()
         if (projectors is not None or decoders is not None) and not extractor.has_specific:
@@ -100,12 +102,12 @@ class CmSSFT(nn.Module):
             raise UserError(f"project_space {project_space!r} is not 'pooled' or 'neck'")
         self.extractor = extractor
         self.num_modalities = num_modalities
-        self.pool_sh = make_pool(pooling, gem_p)
+        self.pool_sh = make_pool(pooling, gem_p, gem_learn_p)
         self.neck_sh = BNNeck(feat_dim, bnneck)
         self.cls_sh = nn.Linear(feat_dim, num_classes, bias=False)
         self.pool_sp = self.necks_sp = self.cls_sp = None
         if extractor.has_specific:
-            self.pool_sp = make_pool(pooling, gem_p)
+            self.pool_sp = make_pool(pooling, gem_p, gem_learn_p)
             self.necks_sp = nn.ModuleList(BNNeck(feat_dim, bnneck) for _ in range(num_modalities))
             self.cls_sp = nn.ModuleList(
                 nn.Linear(feat_dim, num_classes, bias=False) for _ in range(num_modalities)
@@ -205,6 +207,11 @@ class CmSSFT(nn.Module):
         return stats
 
     # ------------------------------------------------------------------ test time
+
+    @property
+    def bank_parts(self) -> tuple[str, ...]:
+        """The float features of a bank, in the order an exported graph returns them."""
+        return ("shared", "specific") if self.extractor.has_specific else ("shared",)
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor, modality: torch.Tensor) -> Bank:

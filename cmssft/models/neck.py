@@ -20,6 +20,25 @@ class GeM(nn.Module):
         return x.mean(dim=(2, 3)).pow(1.0 / self.p)
 
 
+class FixedGeM(nn.Module):
+    """Generalised-mean pooling with a fixed exponent, as AGW computes it: ``(mean(x^p) + 1e-12)^(1/p)``.
+
+    ``[B, C, H, W] -> [B, C]``. AGW pools post-ReLU maps (x >= 0); negative entries (a non-local
+    block after a stage's last block) are clamped to 0 so the root stays real.
+    """
+
+    def __init__(self, p: float = 3.0) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().clamp(min=0).pow(self.p)  # fp32: pow under fp16 overflows
+        return (x.mean(dim=(2, 3)) + 1e-12).pow(1.0 / self.p)
+
+
 class AvgPool(nn.Module):
     """Global average pooling to ``[B, C]``."""
 
@@ -27,9 +46,10 @@ class AvgPool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-def make_pool(kind: str, gem_p: float = 3.0) -> nn.Module:
+def make_pool(kind: str, gem_p: float = 3.0, learn_p: bool = True) -> nn.Module:
+    """``avg``, or ``gem`` with a learned (:class:`GeM`) or fixed (:class:`FixedGeM`) exponent."""
     if kind == "gem":
-        return GeM(gem_p)
+        return GeM(gem_p) if learn_p else FixedGeM(gem_p)
     if kind == "avg":
         return AvgPool()
     raise ValueError(f"unknown pooling {kind!r}")
