@@ -17,6 +17,7 @@ from cmssft.engine.optim import build_optimizer
 from cmssft.errors import ConfigError, run_cli
 from cmssft.evaluation.cli import main as eval_main
 from cmssft.evaluation.features_io import read_feature_file
+from cmssft.evaluation.report import COMPARABLE
 from cmssft.export import FeatureGraph, output_names
 from cmssft.export import main as export_main
 from cmssft.losses import build_criterion
@@ -266,7 +267,8 @@ def test_saved_features_score_like_the_checkpoint_with_either_test_feature(agw_c
             titles[feature, name] = capsys.readouterr().out.splitlines()[0]
         assert means[feature, "features"] == pytest.approx(means[feature, "checkpoint"], abs=1e-6)
         assert titles[feature, "features"] == titles[feature, "checkpoint"]
-        assert titles[feature, "checkpoint"].startswith(f"test, cosine of AGW's {feature.upper()} features: ")
+        assert titles[feature, "checkpoint"].startswith(
+            f"test, cosine of AGW's {feature.upper()} features [{COMPARABLE['inductive']}]: ")
     assert means["fc", "checkpoint"] != means["pool", "checkpoint"]
 
 
@@ -315,7 +317,7 @@ def test_agw_sysu_config_trains_and_evaluates_at_demo_size(module_scratch, sysu_
                        "model.non_local=[0,1,1,0]", "train.epochs=1", "train.iters_per_epoch=2",
                        "train.warmup_epochs=0", "train.eval_every=0", "eval.trials=1", "eval.batch_size=32"]) == 0
     log = (run_dir / "log.txt").read_text()
-    assert "test, cosine of AGW's FC features: SYSU-MM01" in log and "+- std" in log
+    assert f"test, cosine of AGW's FC features [{COMPARABLE['inductive']}]: SYSU-MM01" in log and "+- std" in log
     assert "test, off" not in log  # nothing to compare: AGW has no transfer
     best = load_checkpoint(run_dir / "best.pth")
     assert best["config"]["model"]["name"] == "agw" and "extractor.shared.1.non_local.0.theta.weight" in best["model"]

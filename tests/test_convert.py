@@ -23,6 +23,7 @@ from cmssft.engine.checkpoint import load_checkpoint
 from cmssft.engine.inference import model_from_checkpoint
 from cmssft.errors import run_cli
 from cmssft.evaluation.cli import main as eval_main
+from cmssft.evaluation.report import COMPARABLE
 from cmssft.models.non_local import NonLocalStage
 
 from .conftest import REPO_ROOT, schema_config_copy
@@ -233,7 +234,7 @@ def test_eval_py_scores_the_converted_checkpoint(converted, sysu_root, tmp_path,
                                f"data.root={sysu_root}", "data.height=64", "data.width=32", "data.num_workers=0",
                                "eval.trials=1", "eval.batch_size=32", "train.device=cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("test, cosine of AGW's FC features: SYSU-MM01")
+    assert lines[0].startswith(f"test, cosine of AGW's FC features [{COMPARABLE['inductive']}]: SYSU-MM01")
     assert any(line.split()[:1] == ["mean"] for line in lines)
     summary = json.loads(result.read_text())
     assert 0.0 <= summary["mean"]["mAP"] <= 1.0 and len(summary["trials"]) == 1

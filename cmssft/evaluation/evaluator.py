@@ -162,7 +162,7 @@ class Evaluator:
         """Query-query and gallery-gallery distances in the space of ``q_g`` (see the module docstring)."""
         if not isinstance(q_g, DistanceBlocks):
             return full_distances(self.score_fn(q_bank, q_bank)), full_distances(self.score_fn(g_bank, g_bank))
-        if q_g.within is None:
+        if q_g.within is None:  # of the model's scorings only the single-query SSTN's; it scores each query alone
             raise UserError("re-ranking needs query-query and gallery-gallery distances from the same test graph "
                             "as the query-gallery ones, and the single-query SSTN scores each query in a graph of "
                             "its own; re-rank in model.sstn.test_mode=transductive or off")

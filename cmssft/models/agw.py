@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmssft.errors import UserError
-from cmssft.evaluation.metrics import DistanceBlocks
+from cmssft.evaluation.metrics import DistanceBlocks, cosine_distance_blocks
 from cmssft.models.extractor import TwoStreamExtractor
 from cmssft.models.neck import BNNeck
 from cmssft.models.routing import group_by_modality
@@ -177,4 +177,4 @@ def cosine_blocks(query_bank: Bank, gallery_bank: Bank, key: str, mode: str | No
             raise UserError(f"the features hold no {key!r} rows, which model.agw.test_feature={feature} ranks by")
     q = F.normalize(query_bank[key].float(), dim=1)
     g = F.normalize(gallery_bank[key].float(), dim=1)
-    return DistanceBlocks((len(q), len(g)), lambda start, stop: 1.0 - q[start:stop] @ g.T, device=q.device)
+    return cosine_distance_blocks(q, g)
