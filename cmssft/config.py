@@ -141,8 +141,15 @@ class LossWeights:
 @dataclass
 class LossConfig:
     label_smoothing: float = 0.1  # of every identity cross-entropy (0 disables)
-    triplet_margin: float = 0.3  # margin of every triplet term
-    hard_negatives: int = 1  # k of the kNN-margin triplet; 1 is batch-hard
+    # form of every triplet term (shared, specific, fused; each keeps its pairs): "hard", the batch-hard /
+    # kNN-margin triplet, or "wrt", the weighted regularised triplet of AGW (softmax-weighted positives and
+    # negatives, soft margin, no margin parameter; docs/METHOD.md)
+    triplet: Literal["hard", "wrt"] = "hard"
+    triplet_margin: float = 0.3  # margin of every "hard" triplet term
+    hard_negatives: int = 1  # k of the kNN-margin triplet; 1 is batch-hard ("hard" only)
+    # which pairs the shared-feature triplet mines: "cross" the other modality (cm-SSFT), "all" any pair of the
+    # batch, both modalities (AGW's and CAJ's public training)
+    shared_triplet: Literal["cross", "all"] = "cross"
     fused_triplet: Literal["all", "cross", "single"] = "all"  # which pairs the fused triplet mines
     normalize_fused: bool = True  # fused triplet on L2-normalised fused features (the test-time cosine)
     weights: LossWeights = field(default_factory=LossWeights)  # 0 drops a term
@@ -553,6 +560,9 @@ def _check_combinations(cfg: Config) -> None:
     if sstn.cross_k > sstn.topk:
         raise ConfigError(f"model.sstn.cross_k: {sstn.cross_k} is more than model.sstn.topk={sstn.topk}; allowed: "
                           f"[-1, {sstn.topk}] (-1: all {sstn.topk} from the other modality)")
+    if cfg.loss.triplet == "wrt" and cfg.loss.hard_negatives != 1:
+        raise ConfigError(f"loss.hard_negatives: {cfg.loss.hard_negatives} applies to loss.triplet=hard only; "
+                          "the wrt triplet weighs every negative (allowed with wrt: 1)")
     if cfg.train.optimizer == "sgd" and cfg.train.momentum <= 0:
         raise ConfigError("train.momentum: 0 is out of range for train.optimizer=sgd (Nesterov momentum); "
                           "allowed: (0, 1)")
