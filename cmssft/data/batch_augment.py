@@ -94,8 +94,8 @@ class BatchAugment:
     ) -> None:
         self.height, self.width, self.pad, self.flip = height, width, max(pad, 0), flip
         self.channel_aug, self.random_erasing = channel_aug, random_erasing
-        self.exchange_rgb, self.exchange_ir = (channel_exchange_rgb, channel_exchange_rgb_form), (
-            channel_exchange_ir, channel_exchange_ir_form)
+        self.exchange_rgb = (channel_exchange_rgb, channel_exchange_rgb_form)
+        self.exchange_ir = (channel_exchange_ir, channel_exchange_ir_form)
         self.channel_erasing, self.joint = channel_erasing, channel_aug_joint
 
     def __call__(
@@ -169,7 +169,7 @@ class BatchAugment:
     def _exchange_choices(self, modality: torch.Tensor, view: torch.Tensor | None, uniform) -> torch.Tensor:
         """long ``[B]``: -1 no exchange, 0..2 that channel copied to all three, 3 CAJ's gray; each sample
         drawn with its modality's probability and form (the first copy of a joint RGB pair: never)."""
-        n, device = modality.shape[0], modality.device
+        n = modality.shape[0]
         rgb = modality == int(Modality.RGB)
         p_rgb, form_rgb = self.exchange_rgb
         p_ir, form_ir = self.exchange_ir
@@ -183,10 +183,11 @@ class BatchAugment:
         gray_form = torch.where(rgb, form_rgb == "adap_gray", form_ir == "adap_gray")
         gray = gray_form & (uniform(n) < CAJ_GRAY_P)
         code = torch.where(draw < 3, draw, torch.where(gray, 3, -1))
-        return torch.where(apply, code, torch.full((n,), -1, device=device))
+        return torch.where(apply, code, -1)
 
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-        """Apply given choices: crop + flip as one gather, then channels, normalisation, erasing."""
+        """Apply given choices: crop + flip as one gather, then channels, normalisation, erasing, and
+        CAJ's channel erasing and exchange."""
         x = self._crop_and_flip(images, params).permute(0, 3, 1, 2).float().div_(255.0)
         if self.channel_aug > 0:
             x = self._channel_augment(x, params.channel)

@@ -33,8 +33,8 @@ ERASE_AREA = (0.02, 0.33)  # random erasing: share of the image area, drawn unif
 ERASE_RATIO = (0.3, 3.3)  # random erasing: height/width aspect ratio, drawn log-uniformly
 ERASE_ATTEMPTS = 10  # draws of (area, ratio) until the rectangle fits; none fits: no erasing
 # CAJ channel augmentation, the public code's constants (docs/METHOD.md)
-EXCHANGE_FORMS = ("exchange", "adap", "adap_gray")  # data.channel_exchange_*_form
-EXCHANGE_CHOICES = {"exchange": 3, "adap": 4, "adap_gray": 4}  # draws 0..n-1: 0-2 a channel, 3 no channel
+# the forms of data.channel_exchange_*_form and their draws 0..n-1: 0-2 a channel, 3 no channel
+EXCHANGE_CHOICES = {"exchange": 3, "adap": 4, "adap_gray": 4}
 CAJ_GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # BT.601 luma to four digits, as CAJ's gray computes it
 CAJ_GRAY_P = 0.5  # adap_gray: how often the "no channel" draw becomes the gray image
 CAJ_ERASE_FILL = (0.4914, 0.4822, 0.4465)  # channel random erasing: per-channel value in the normalised image
@@ -133,7 +133,7 @@ def random_erase(
 
 def channel_exchange(tensor: torch.Tensor, form: str, generator: torch.Generator) -> torch.Tensor:
     """CAJ's random channel exchange of a normalised ``[3, H, W]`` image: one channel, drawn uniformly,
-    copied to all three; ``form`` (``EXCHANGE_FORMS``) says what a fourth draw does: ``exchange`` has
+    copied to all three; ``form`` (``EXCHANGE_CHOICES``) says what a fourth draw does: ``exchange`` has
     none, ``adap`` keeps the image, ``adap_gray`` makes it gray (``CAJ_GRAY_WEIGHTS``) with probability
     ``CAJ_GRAY_P`` and keeps it otherwise. Colour stops being a cue, as it is none across modalities.
     """
