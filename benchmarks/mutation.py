@@ -78,12 +78,15 @@ EVALUATOR, VISUALIZE = "cmssft/evaluation/evaluator.py", "cmssft/evaluation/visu
 SSTN, MODEL = "cmssft/models/sstn.py", "cmssft/models/cmssft_model.py"
 SINGLE_QUERY = "cmssft/models/sstn_single_query.py"
 TRANSFORMS = "cmssft/data/transforms.py"
+BATCH_AUGMENT = "cmssft/data/batch_augment.py"
+TRIPLET, CRITERION = "cmssft/losses/triplet.py", "cmssft/losses/criterion.py"
 
 T_METRICS = "tests/test_metrics.py"
 T_REPORT = "tests/test_report.py"
 T_PROTOCOLS = "tests/test_protocols.py"
 T_SSTN = "tests/test_sstn.py"
 T_TRANSFORMS = "tests/test_transforms.py"
+T_WRT, T_CHANNEL_AUG, T_BATCH_AUGMENT = "tests/test_wrt.py", "tests/test_channel_aug.py", "tests/test_batch_augment.py"
 T_RESUME = "tests/test_training.py::test_resume_continues_to_the_same_weights"
 T_SELECT = "tests/test_training.py::test_the_validation_split_and_never_the_test_split_selects_best_pth"
 T_FINISHED = "tests/test_training.py::test_resume_of_a_finished_run_from_its_own_config_says_so"
@@ -598,6 +601,65 @@ MUTANTS: tuple[Mutant, ...] = (
         "bank = {k: mirrored[k] if v.is_floating_point() else v for k, v in bank.items()}",
         (T_TRANSFORMS,),
         "test-time flip uses the mirror alone instead of averaging it with the image",
+    ),
+    # ------------------------------------------------------------------ weighted regularised triplet (loss.triplet=wrt)
+    Mutant(
+        "wrt-shift-over-masked-entries", TRIPLET,
+        "shift = masked.amax(dim=1, keepdim=True)",
+        "shift = (logits * mask).amax(dim=1, keepdim=True)",
+        (T_WRT,),
+        "the softmax shift is the maximum over masked entries too (as the public code takes it): far negatives' "
+        "weights underflow to 0",
+    ),
+    Mutant(
+        "wrt-far-negatives-weigh-more", TRIPLET,
+        "d_n = (masked_softmax(-dist, neg) * dist).sum(dim=1)",
+        "d_n = (masked_softmax(dist, neg) * dist).sum(dim=1)",
+        (T_WRT,),
+        "WRT weighs negatives like positives: the farther, the heavier",
+    ),
+    Mutant(
+        "wrt-averages-invalid-anchors", TRIPLET,
+        "per_anchor = F.softplus(d_p - d_n) * valid.float()",
+        "per_anchor = F.softplus(d_p - d_n)",
+        (T_WRT,),
+        "anchors without a positive or negative of the allowed kind add softplus(-d_n) or softplus(d_p)",
+    ),
+    Mutant(
+        "shared-triplet-always-cross", CRITERION,
+        "self.triplet_shared = build_triplet(triplet, shared_triplet, **options)",
+        'self.triplet_shared = build_triplet(triplet, "cross", **options)',
+        (T_WRT,),
+        "loss.shared_triplet=all ignored: the shared triplet mines cross-modality pairs only",
+    ),
+    # ------------------------------------------------------------------ CAJ channel augmentation
+    Mutant(
+        "caj-joint-exchanges-the-first-copy", TRANSFORMS,
+        "if self.joint and modality == Modality.RGB and view == 0:",
+        "if self.joint and modality == Modality.RGB and view == 1:",
+        (T_CHANNEL_AUG,),
+        "data.channel_aug_joint exchanges the first RGB copy and keeps the second in colour",
+    ),
+    Mutant(
+        "caj-erase-aspect-log-uniform", TRANSFORMS,
+        "aspect = CAJ_ERASE_ASPECT[0] + (CAJ_ERASE_ASPECT[1] - CAJ_ERASE_ASPECT[0]) * _uniform(generator)",
+        "aspect = CAJ_ERASE_ASPECT[0] * (CAJ_ERASE_ASPECT[1] / CAJ_ERASE_ASPECT[0]) ** _uniform(generator)",
+        (T_CHANNEL_AUG,),
+        "channel random erasing draws its aspect log-uniformly (as data.random_erasing) instead of uniformly",
+    ),
+    Mutant(
+        "caj-device-gray-weights", BATCH_AUGMENT,
+        "x = self._channel_augment(x, params.exchange, CAJ_GRAY_WEIGHTS)",
+        "x = self._channel_augment(x, params.exchange)",
+        (T_BATCH_AUGMENT,),
+        "the device path's CAJ gray uses the legacy weights 0.299/0.587/0.114 instead of CAJ's",
+    ),
+    Mutant(
+        "caj-device-ignores-joint", BATCH_AUGMENT,
+        "probability = torch.where(first_copy, 0.0, probability)",
+        "probability = torch.where(first_copy & ~rgb, 0.0, probability)",
+        (T_BATCH_AUGMENT,),
+        "the device path exchanges both copies of a joint RGB pair",
     ),
 )
 

@@ -57,7 +57,24 @@ class DataConfig:
     flip: float = 0.5
     pad: int = 10
     random_erasing: float = 0.5
-    channel_aug: float = 0.0  # probability of CAJ-style channel exchange / grayscale per RGB sample
+    # probability per RGB sample of replacing the image, before normalisation, by one of its channels or its gray
+    # (each 1/4); predates the CAJ options below and keeps its meaning
+    channel_aug: float = 0.0
+    # CAJ (channel augmented joint learning, ICCV 2021) channel augmentation, applied as the public code applies it:
+    # after normalisation, channel erasing first (docs/METHOD.md). Forms of the channel exchange: "exchange" one
+    # of R, G, B copied to all three channels (1/3 each); "adap" the same or the image unchanged (1/4 each);
+    # "adap_gray" as "adap", the unchanged case turned gray (BT.601) half of the time
+    channel_exchange_rgb: float = 0.0  # probability per RGB sample of the exchange below (CAJ: 1 on the joint copy)
+    channel_exchange_rgb_form: Literal["exchange", "adap", "adap_gray"] = "exchange"  # CAJ's RGB form
+    channel_exchange_ir: float = 0.0  # probability per IR sample of the exchange below (CAJ: 1)
+    channel_exchange_ir_form: Literal["exchange", "adap", "adap_gray"] = "adap_gray"  # CAJ's IR form
+    # probability per sample, both modalities, of channel random erasing: a rectangle (area 0.02-0.4, aspect
+    # 0.3-3.33, 100 tries) set to (0.4914, 0.4822, 0.4465) in the normalised image (CAJ: 0.5); data.random_erasing
+    # (zero fill) is separate
+    channel_erasing: float = 0.0
+    # CAJ's joint learning: every RGB image of a batch also comes a second time, augmented on its own draws and
+    # channel-exchanged with data.channel_exchange_rgb (the first copy never is): batches of 3 x P x K
+    channel_aug_joint: bool = False
     # where the augmentation above runs: "cpu" in the loader workers (float images), or "device": the workers
     # only decode and resize (uint8 batches, 4x fewer bytes to copy) and the training device augments the batch
     augment_on: Literal["cpu", "device"] = "cpu"
@@ -166,8 +183,15 @@ class LossWeights:
 @dataclass
 class LossConfig:
     label_smoothing: float = 0.1  # of every identity cross-entropy (0 disables)
-    triplet_margin: float = 0.3  # margin of every triplet term
-    hard_negatives: int = 1  # k of the kNN-margin triplet; 1 is batch-hard
+    # form of every triplet term (shared, specific, fused; each keeps its pairs): "hard", the batch-hard /
+    # kNN-margin triplet, or "wrt", the weighted regularised triplet of AGW (softmax-weighted positives and
+    # negatives, soft margin, no margin parameter; docs/METHOD.md)
+    triplet: Literal["hard", "wrt"] = "hard"
+    triplet_margin: float = 0.3  # margin of every "hard" triplet term
+    hard_negatives: int = 1  # k of the kNN-margin triplet; 1 is batch-hard ("hard" only)
+    # which pairs the shared-feature triplet mines: "cross" the other modality (cm-SSFT), "all" any pair of the
+    # batch, both modalities (AGW's and CAJ's public training)
+    shared_triplet: Literal["cross", "all"] = "cross"
     fused_triplet: Literal["all", "cross", "single"] = "all"  # which pairs the fused triplet mines
     normalize_fused: bool = True  # fused triplet on L2-normalised fused features (the test-time cosine)
     weights: LossWeights = field(default_factory=LossWeights)  # 0 drops a term
@@ -519,6 +543,9 @@ RANGES: dict[str, Range] = {
     "data.pad": AT_LEAST_0,
     "data.random_erasing": PROBABILITY,
     "data.channel_aug": PROBABILITY,
+    "data.channel_exchange_rgb": PROBABILITY,
+    "data.channel_exchange_ir": PROBABILITY,
+    "data.channel_erasing": PROBABILITY,
     "data.prefetch_factor": AT_LEAST_1,
     "data.synthetic.height": IMAGE_SIDE,
     "data.synthetic.width": IMAGE_SIDE,
@@ -645,6 +672,16 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError(f"model.sstn.cross_k: {sstn.cross_k} is more than model.sstn.topk={sstn.topk}; allowed: "
                           f"[-1, {sstn.topk}] (-1: all {sstn.topk} from the other modality)")
     _check_non_local(cfg.model)
+    data = cfg.data
+    if data.channel_aug > 0 and data.channel_exchange_rgb > 0:
+        raise ConfigError(f"data.channel_aug: {data.channel_aug} and data.channel_exchange_rgb: "
+                          f"{data.channel_exchange_rgb} both change RGB channels; set one of them to 0")
+    if data.channel_aug_joint and data.channel_exchange_rgb <= 0:
+        raise ConfigError("data.channel_aug_joint: true needs data.channel_exchange_rgb > 0 (the second copy's "
+                          "channel exchange; CAJ: 1)")
+    if cfg.loss.triplet == "wrt" and cfg.loss.hard_negatives != 1:
+        raise ConfigError(f"loss.hard_negatives: {cfg.loss.hard_negatives} applies to loss.triplet=hard only; "
+                          "the wrt triplet weighs every negative (allowed with wrt: 1)")
     if cfg.train.optimizer == "sgd" and cfg.train.momentum <= 0:
         raise ConfigError("train.momentum: 0 is out of range for train.optimizer=sgd (Nesterov momentum); "
                           "allowed: (0, 1)")

@@ -41,27 +41,6 @@ TINY_CHECKPOINT_RUN = [
 ]
 # The shared-only model: a small checkpoint and a quick step, for tests about the loop rather than the method.
 SHARED_ONLY = ["model.use_specific=false", "model.project_adversarial=false", "model.reconstruction=false"]
-# Keys the AGW configs name that arrive with the weighted-regularised-triplet work (loss.triplet: hard | wrt,
-# loss.shared_triplet: cross | all); until the schema has them, tests train copies without them.
-PENDING_LOSS_KEYS = ("triplet", "shared_triplet")
-
-
-def schema_config_copy(path: Path, out: Path) -> Path:
-    """``path`` with its ``_base_`` merged in, written to ``out`` without the :data:`PENDING_LOSS_KEYS` that
-    the config schema does not know yet (none, once it does)."""
-    import dataclasses
-
-    import yaml
-
-    from cmssft.config import LossConfig, _read_with_base
-
-    raw = _read_with_base(path)
-    known = {f.name for f in dataclasses.fields(LossConfig)}
-    for key in PENDING_LOSS_KEYS:
-        if key not in known:
-            raw.get("loss", {}).pop(key, None)
-    out.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return out
 
 
 def unpack_split_files(target: Path) -> Path:

@@ -28,7 +28,7 @@ from cmssft.models.non_local import NonLocalBlock, NonLocalStage
 from cmssft.models.sstn import MODES
 from cmssft.search import main as search_main
 
-from .conftest import REPO_ROOT, TINY_DATA, schema_config_copy
+from .conftest import REPO_ROOT, TINY_DATA
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import ablation  # noqa: E402
@@ -311,7 +311,7 @@ def test_search_ranks_by_the_test_feature_and_keeps_both_features(agw_checkpoint
 
 
 def test_agw_sysu_config_trains_and_evaluates_at_demo_size(module_scratch, sysu_root):
-    config = schema_config_copy(REPO_ROOT / "configs" / "agw_sysu.yaml", module_scratch / "agw_sysu.yaml")
+    config = REPO_ROOT / "configs" / "agw_sysu.yaml"
     run_dir = module_scratch / "agw_sysu"
     assert train_main(["--config", str(config), "--run-dir", str(run_dir), f"data.root={sysu_root}", *TINY_DATA,
                        "model.non_local=[0,1,1,0]", "train.epochs=1", "train.iters_per_epoch=2",
@@ -327,8 +327,7 @@ def test_agw_sysu_config_trains_and_evaluates_at_demo_size(module_scratch, sysu_
 
 @pytest.mark.parametrize("row", ["agw", "agw_triplet", "full_agw"])
 def test_ablation_rows_on_agws_parts(row, module_scratch):
-    cfg = load_config(schema_config_copy(REPO_ROOT / "configs" / "ablation" / f"{row}.yaml",
-                                         module_scratch / f"{row}.yaml"))
+    cfg = load_config(REPO_ROOT / "configs" / "ablation" / f"{row}.yaml")
     demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
     assert (cfg.model.non_local, cfg.model.pooling, cfg.model.gem_learn_p) == ([0, 1, 1, 0], "gem", False)
     assert (cfg.train, cfg.model.backbone, cfg.data.height, cfg.data.width) == \
@@ -342,7 +341,7 @@ def test_ablation_rows_on_agws_parts(row, module_scratch):
 @pytest.fixture(scope="module")
 def agw_row_run(module_scratch, sysu_root):
     """configs/ablation/agw.yaml trained for 2 steps on the generated tree."""
-    config = schema_config_copy(REPO_ROOT / "configs" / "ablation" / "agw.yaml", module_scratch / "row.yaml")
+    config = REPO_ROOT / "configs" / "ablation" / "agw.yaml"
     run_dir = module_scratch / "agw_row"
     assert train_main(["--config", str(config), "--run-dir", str(run_dir), f"data.root={sysu_root}",
                        "model.pretrained=none", "train.epochs=1", "train.iters_per_epoch=2", "train.device=cpu",

@@ -22,6 +22,7 @@ from cmssft.data.transforms import (
     ResizeTransform,
     TrainTransform,
     channel_augment,
+    channel_exchange,
     normalize,
     to_tensor,
 )
@@ -150,15 +151,17 @@ def erasing_mismatches(cpu: np.ndarray, dev: np.ndarray) -> list[str]:
     return problems
 
 
-def moment_mismatches(cpu: torch.Tensor, dev: torch.Tensor) -> list[str]:
+def moment_mismatches(cpu: torch.Tensor, dev: torch.Tensor, per_pixel: bool = True) -> list[str]:
     """Each draw's per-channel mean and std (two-sample KS per channel), and the per-pixel mean
-    map (z-scores of the difference of the two maps)."""
+    map (z-scores of the difference of the two maps; ``per_pixel=False`` skips it)."""
     problems = []
     for name, reduce in (("mean", torch.mean), ("std", torch.std)):
         a, b = reduce(cpu.flatten(2), dim=2), reduce(dev.flatten(2), dim=2)  # [n, 3]
         for c in range(3):
             if (p := continuous_p(a[:, c].numpy(), b[:, c].numpy())) < P_MIN:
                 problems.append(f"channel {c} {name}: {a[:, c].mean():.4f} vs {b[:, c].mean():.4f}, p={p:.2g}")
+    if not per_pixel:
+        return problems
     se = (cpu.var(0) / len(cpu) + dev.var(0) / len(dev)).sqrt().clamp_min(1e-6)
     z = (cpu.mean(0) - dev.mean(0)) / se
     if z.abs().max() > 6 or z.pow(2).mean() > 1.3:
@@ -341,3 +344,145 @@ def test_wrong_pixel_statistics_are_caught(wrong):
     cpu = cpu_draws(settings, bright(), Modality.RGB, 2000)
     dev = device_draws({**settings, **wrong}, bright(), Modality.RGB, 2000)
     assert moment_mismatches(cpu, dev) != []
+
+
+# --------------------------------------------------------------------------- CAJ channel erasing and exchange
+
+CAJ_FILL = torch.tensor(batch_augment.CAJ_ERASE_FILL).view(3, 1, 1)
+
+
+def caj_choices(outs: torch.Tensor, image: np.ndarray, modality: Modality) -> np.ndarray:
+    """Per draw: -1 kept, 0..2 that normalised channel copied to all three, 3 CAJ's gray (no other augmentation)."""
+    source = EvalTransform(H, W)(image, modality)
+    gray = 0.2989 * source[0] + 0.5870 * source[1] + 0.1140 * source[2]
+    options = [source[0], source[1], source[2], gray]
+    choice = np.full(len(outs), -2)
+    for i, out in enumerate(outs):
+        if torch.equal(out, source):
+            choice[i] = -1
+        for c, option in enumerate(options):
+            if all(torch.allclose(out[k], option, atol=1e-6) for k in range(3)):
+                choice[i] = c
+    assert (choice > -2).all(), "every draw is one of the outcomes"
+    return choice
+
+
+def caj_boxes(outs: torch.Tensor) -> np.ndarray:
+    """[n, 4] (top, left, height, width) of each draw's rectangle of CAJ's fill; -1 rows where none."""
+    return erased_boxes(torch.where((outs == CAJ_FILL).all(dim=1, keepdim=True), 0.0, 1.0).expand(-1, 3, -1, -1))
+
+
+def cpu_exchange_seed(choice: int, form: str) -> int:
+    """A seed that makes the CPU channel exchange of ``form`` pick ``choice`` (-1 kept, 0..2, 3 gray)."""
+    ramp = torch.arange(3.0).view(3, 1, 1)  # channels 0, 1, 2: each outcome shows in the values
+    gray = 0.5870 * 1 + 0.1140 * 2
+    wanted = {-1: [0.0, 1.0, 2.0], 3: [gray] * 3}.get(choice, [float(choice)] * 3)
+    for seed in range(500):
+        out = channel_exchange(ramp, form, torch.Generator().manual_seed(seed)).flatten().tolist()
+        if out == pytest.approx(wanted):
+            return seed
+    raise AssertionError(f"no seed picks {choice}")
+
+
+@pytest.mark.parametrize("choice", [-1, 0, 1, 2, 3])
+def test_given_caj_choices_match_the_cpu_channel_erasing_and_exchange(choice):
+    image, box, form = textured(9), (5, 3, 20, 9), "adap_gray"
+    expected = normalize(to_tensor(image))
+    top, left, h, w = box
+    expected[:, top : top + h, left : left + w] = CAJ_FILL
+    expected = channel_exchange(expected, form, torch.Generator().manual_seed(cpu_exchange_seed(choice, form)))
+    settings = {**OFF, "channel_erasing": 1.0, "channel_exchange_rgb": 1.0, "channel_exchange_rgb_form": form}
+    augment = BatchAugment(H, W, **settings)
+    uint8 = ResizeTransform(H, W)(image, Modality.RGB).unsqueeze(0)
+    params = given(channel_erase=[True], channel_erase_box=[box], exchange=[choice])
+    assert torch.equal(augment.apply(uint8, params)[0], expected)
+    untouched = given(channel_erase=[False], channel_erase_box=[box], exchange=[-1])
+    assert torch.equal(augment.apply(uint8, untouched)[0], normalize(to_tensor(image)))
+
+
+def test_caj_rgb_settings_never_touch_ir_samples_and_joint_first_copies_keep_colour():
+    image = probe()
+    rgb_only = {**OFF, "channel_exchange_rgb": 1.0, "channel_exchange_rgb_form": "adap_gray"}
+    assert all(torch.equal(out, EvalTransform(H, W)(image, Modality.IR))
+               for out in device_draws(rgb_only, image, Modality.IR, 50))
+    joint = {**OFF, "channel_exchange_rgb": 1.0, "channel_aug_joint": True}
+    uint8 = ResizeTransform(H, W)(image, Modality.RGB).expand(40, -1, -1, -1)
+    view = torch.tensor([0, 1] * 20)
+    out = BatchAugment(H, W, **joint)(uint8, torch.zeros(40, dtype=torch.long), torch.Generator().manual_seed(0), view)
+    choices = caj_choices(out, image, Modality.RGB)
+    assert (choices[0::2] == -1).all() and (choices[1::2] >= 0).all()
+
+
+def test_the_device_path_reads_nothing_back_with_caj_on():
+    settings = {"pad": 4, "flip": 0.5, "channel_aug": 0.0, "random_erasing": 0.5, "channel_erasing": 0.5,
+                "channel_exchange_rgb": 1.0, "channel_exchange_ir": 0.5, "channel_aug_joint": True}
+    uint8 = torch.zeros(8, H, W, 3, dtype=torch.uint8)
+    with count_host_reads() as reads:
+        out = BatchAugment(H, W, **settings)(uint8, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]),
+                                             torch.Generator().manual_seed(0), torch.tensor([0, 0, 1, 1, 0, 0, 0, 0]))
+    assert sum(reads.values()) == 0 and out.shape == (8, 3, H, W)
+
+
+@pytest.mark.parametrize(
+    ("modality", "settings"),
+    [
+        (Modality.RGB, {"channel_exchange_rgb": 0.6, "channel_exchange_rgb_form": "exchange"}),
+        (Modality.RGB, {"channel_exchange_rgb": 0.6, "channel_exchange_rgb_form": "adap"}),
+        (Modality.IR, {"channel_exchange_ir": 1.0, "channel_exchange_ir_form": "adap_gray"}),
+    ],
+    ids=["rgb-exchange", "rgb-adap", "ir-adap_gray"],
+)
+def test_caj_exchange_choices_have_the_cpu_distribution(modality, settings):
+    settings, image = {**OFF, **settings}, bright()
+    cpu = caj_choices(cpu_draws(settings, image, modality, 1500), image, modality)
+    dev = caj_choices(device_draws(settings, image, modality, 1500), image, modality)
+    assert set(cpu) == set(dev) and categorical_p(cpu, dev) > P_MIN
+
+
+def test_caj_erasing_rate_boxes_and_areas_have_the_cpu_distribution():
+    settings = {**OFF, "channel_erasing": 0.5}
+    cpu = caj_boxes(cpu_draws(settings, textured(8), Modality.RGB, N))
+    dev = caj_boxes(device_draws(settings, textured(8), Modality.RGB, N))
+    assert erasing_mismatches(cpu, dev) == []
+    areas = dev[dev[:, 0] >= 0, 2] * dev[dev[:, 0] >= 0, 3] / (H * W)
+    assert 0.015 < areas.min() and areas.max() < 0.45  # CAJ_ERASE_AREA, up to rounding of the sides
+
+
+@pytest.mark.parametrize("modality", [Modality.RGB, Modality.IR])
+def test_pixel_statistics_with_every_caj_option_on_match(modality):
+    settings = {"pad": 4, "flip": 0.5, "channel_aug": 0.0, "random_erasing": 0.0, "channel_erasing": 0.5,
+                "channel_exchange_rgb": 0.5, "channel_exchange_ir": 1.0}
+    cpu = cpu_draws(settings, bright(), modality, 2000)
+    dev = device_draws(settings, bright(), modality, 2000)
+    # Per draw only: a channel exchange moves every pixel of an image at once, so the per-pixel z-scores are
+    # strongly correlated and their mean square strays from 1 between equal distributions (two device runs
+    # of other seeds: 0.5 to 1.4). The decoders above compare each CAJ choice itself.
+    assert moment_mismatches(cpu, dev, per_pixel=False) == []
+
+
+@pytest.mark.parametrize("wrong", ["probability", "form", "gray"])
+def test_a_wrong_caj_exchange_parameter_is_caught(wrong, monkeypatch):
+    settings, image = {**OFF, "channel_exchange_ir": 1.0, "channel_exchange_ir_form": "adap_gray"}, bright()
+    settings_dev = dict(settings)
+    if wrong == "probability":
+        settings_dev["channel_exchange_ir"] = 0.85
+    elif wrong == "form":
+        settings_dev["channel_exchange_ir_form"] = "adap"
+    else:
+        monkeypatch.setattr(batch_augment, "CAJ_GRAY_P", 0.3)
+    cpu = caj_choices(cpu_draws(settings, image, Modality.IR, 1500), image, Modality.IR)
+    dev = caj_choices(device_draws(settings_dev, image, Modality.IR, 1500), image, Modality.IR)
+    assert categorical_p(cpu, dev) < P_MIN
+
+
+@pytest.mark.parametrize("wrong", ["probability", "area", "aspect"])
+def test_a_wrong_caj_erasing_parameter_is_caught(wrong, monkeypatch):
+    settings = {**OFF, "channel_erasing": 0.5}
+    settings_dev = {**settings, "channel_erasing": 0.4} if wrong == "probability" else settings
+    if wrong == "area":
+        monkeypatch.setattr(batch_augment, "CAJ_ERASE_AREA", (0.02, 0.33))
+    elif wrong == "aspect":  # e.g. the log-uniform ratio of data.random_erasing
+        monkeypatch.setattr(batch_augment, "CAJ_ERASE_ASPECT", (0.3, 2.5))
+    cpu = caj_boxes(cpu_draws(settings, textured(8), Modality.RGB, N))
+    dev = caj_boxes(device_draws(settings_dev, textured(8), Modality.RGB, N))
+    assert erasing_mismatches(cpu, dev) != []

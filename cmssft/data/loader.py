@@ -5,7 +5,9 @@ A loaded item is a dict: ``image`` float [3, H, W] (training items with
 ``pid``, ``camid``, ``modality`` (ints) and ``index`` (position in the sample
 list); collated batches carry the same keys with a leading batch dimension. Training
 items are fetched by ``(index, seed)`` keys so that each augmentation is fixed
-by its seed (see :class:`KeyedBatchSampler`).
+by its seed (see :class:`KeyedBatchSampler`); with ``data.channel_aug_joint`` the keys
+are ``(index, seed, view)`` and the items also carry ``view`` (1: the channel-exchanged
+second copy of an RGB image, 0 otherwise).
 """
 
 from __future__ import annotations
@@ -50,19 +52,33 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, seed = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, key: int | tuple[int, int] | tuple[int, int, int]) -> dict:
+        index, seed, view = _split_key(key)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         sample = self.samples[index]
         image = self.reader(index)
-        return {
-            "image": self.transform(image, sample.modality, generator),
+        if view is None:
+            image = self.transform(image, sample.modality, generator)
+        else:
+            image = self.transform(image, sample.modality, generator, view=view)
+        item = {
+            "image": image,
             "label": sample.label,
             "pid": sample.pid,
             "camid": sample.camid,
             "modality": int(sample.modality),
             "index": index,
         }
+        if view is not None:
+            item["view"] = view
+        return item
+
+
+def _split_key(key: int | tuple[int, ...]) -> tuple[int, int | None, int | None]:
+    """``index``, ``(index, seed)`` or ``(index, seed, view)`` -> (index, seed or None, view or None)."""
+    if not isinstance(key, tuple):
+        return key, None, None
+    return key[0], key[1], key[2] if len(key) > 2 else None
 
 
 def build_base_reader(cfg: Config, samples: Sequence[Sample], *, progress: bool = True) -> ImageReader:
@@ -111,6 +127,7 @@ def build_train_loader(
         seed=cfg.seed,
         rank=rank,
         world_size=world_size,
+        joint=cfg.data.channel_aug_joint,
     )
     base_reader = build_base_reader(cfg, samples)  # the image cache or the disk
     reader = guard_training_reader(samples, base_reader, cfg.data.bad_images)  # data.bad_images=stop fails here

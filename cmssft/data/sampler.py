@@ -31,7 +31,7 @@ class KeyedBatchSampler:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]] | list[tuple[int, int, int]]]:
         return itertools.islice(self.sampler.keyed_batches(), self.skip, None)
 
 
@@ -41,7 +41,10 @@ class CrossModalityIdentitySampler:
     Identities are drawn without replacement within a batch; images of an
     identity without replacement when it has at least K of that modality, with
     replacement otherwise. Only identities with images in both modalities are
-    used.
+    used. ``joint`` (CAJ's joint learning, ``data.channel_aug_joint``) repeats the
+    RGB block: ``[P*K RGB, the same P*K RGB, P*K IR]``, the repeat being the
+    channel-exchanged copies (view 1 in :meth:`keyed_batches`); it draws the same
+    identities and images as without.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class CrossModalityIdentitySampler:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        joint: bool = False,
     ) -> None:
         if ids_per_batch < 1 or images_per_id < 1 or num_batches < 1:
             raise DatasetError("sampler needs ids_per_batch, images_per_id and num_batches >= 1")
@@ -67,6 +71,7 @@ class CrossModalityIdentitySampler:
         self.p, self.k = ids_per_batch, images_per_id
         self.num_batches, self.seed = num_batches, seed
         self.rank, self.world_size = rank, world_size
+        self.joint = joint
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -80,15 +85,22 @@ class CrossModalityIdentitySampler:
         for _, batch in self._own_batches():
             yield batch
 
-    def keyed_batches(self) -> Iterator[list[tuple[int, int]]]:
-        """Like iteration, but each index comes with a seed for its augmentation.
+    def keyed_batches(self) -> Iterator[list[tuple[int, int]] | list[tuple[int, int, int]]]:
+        """Like iteration, but each index comes with a seed for its augmentation (and, when ``joint``,
+        its view: 1 for the repeated RGB block, 0 otherwise).
 
         The seed depends on (seed, epoch, global batch number, position) only, so
-        augmentations are the same whatever the worker count or resume point.
+        augmentations are the same whatever the worker count or resume point; the two
+        copies of a joint pair sit at different positions, so they are augmented apart.
         """
         for b, batch in self._own_batches():
             seeds = np.random.SeedSequence([self.seed, self.epoch, b]).generate_state(len(batch), np.uint64)
-            yield [(index, int(s) >> 1) for index, s in zip(batch, seeds, strict=True)]
+            keys = [(index, int(s) >> 1) for index, s in zip(batch, seeds, strict=True)]
+            if self.joint:
+                block = self.p * self.k
+                views = [0] * block + [1] * block + [0] * (len(batch) - 2 * block)
+                keys = [(index, seed, view) for (index, seed), view in zip(keys, views, strict=True)]
+            yield keys
 
     def _own_batches(self) -> Iterator[tuple[int, list[int]]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -101,7 +113,7 @@ class CrossModalityIdentitySampler:
         chosen = rng.choice(self.labels, size=self.p, replace=False)
         rgb = [i for label in chosen for i in _pick(rng, self.rgb_by_label[label], self.k)]
         ir = [i for label in chosen for i in _pick(rng, self.ir_by_label[label], self.k)]
-        return rgb + ir
+        return rgb + rgb + ir if self.joint else rgb + ir
 
 
 def _index_by_label(samples: Sequence[Sample]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:

@@ -310,8 +310,10 @@ class Trainer:
             modality = batch["modality"].to(self.device, non_blocking=True)
         if self.augment is not None:
             with self.phase("augment"):
+                view = batch.get("view")  # data.channel_aug_joint: which RGB copies to channel-exchange
+                view = view.to(self.device, non_blocking=True) if view is not None else None
                 self.augment_generator.manual_seed(self.augment_seed())
-                images = self.augment(images, modality, self.augment_generator)
+                images = self.augment(images, modality, self.augment_generator, view)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         elif self.augment is not None:

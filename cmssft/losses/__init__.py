@@ -8,7 +8,7 @@ from cmssft.config import Config
 from cmssft.losses.criterion import TERMS, CmSSFTCriterion
 from cmssft.losses.heads import ModalityLoss, ProjectionLoss, ReconstructionLoss
 from cmssft.losses.identity import IdentityLoss
-from cmssft.losses.triplet import TripletLoss, pairwise_distance
+from cmssft.losses.triplet import TripletLoss, WeightedRegularizedTriplet, build_triplet, pairwise_distance
 
 __all__ = [
     "TERMS",
@@ -18,7 +18,9 @@ __all__ = [
     "ProjectionLoss",
     "ReconstructionLoss",
     "TripletLoss",
+    "WeightedRegularizedTriplet",
     "build_criterion",
+    "build_triplet",
     "pairwise_distance",
 ]
 
@@ -33,4 +35,6 @@ def build_criterion(cfg: Config) -> CmSSFTCriterion:
         hard_negatives=loss.hard_negatives,
         fused_triplet=loss.fused_triplet,
         normalize_fused=loss.normalize_fused,
+        triplet=loss.triplet,
+        shared_triplet=loss.shared_triplet,
     )

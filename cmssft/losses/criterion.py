@@ -9,7 +9,7 @@ from torch import nn
 
 from cmssft.losses.heads import ModalityLoss, ProjectionLoss, ReconstructionLoss
 from cmssft.losses.identity import IdentityLoss
-from cmssft.losses.triplet import TripletLoss
+from cmssft.losses.triplet import build_triplet
 
 TERMS = (
     "id_shared",
@@ -34,9 +34,13 @@ class CmSSFTCriterion(nn.Module):
     Args:
         weights: weight per term name (see ``TERMS``); missing names weigh 0.
         label_smoothing: of every identity loss.
-        margin, hard_negatives: of every triplet loss (``hard_negatives = 1``: batch-hard).
+        margin, hard_negatives: of every ``hard`` triplet loss (``hard_negatives = 1``: batch-hard).
         fused_triplet: pair form of the fused triplet (``all``, ``cross`` or ``single``).
         normalize_fused: the fused triplet compares L2-normalised fused features.
+        triplet: form of every triplet term: ``hard`` (batch-hard / kNN-margin) or ``wrt`` (weighted
+            regularised, no margin); each term keeps its pairs (shared: ``shared_triplet``, specific:
+            ``single``, fused: ``fused_triplet``).
+        shared_triplet: pair form of the shared-feature triplet (``cross`` or ``all``).
     """
 
     def __init__(
@@ -47,6 +51,8 @@ class CmSSFTCriterion(nn.Module):
         hard_negatives: int = 1,
         fused_triplet: str = "all",
         normalize_fused: bool = False,
+        triplet: str = "hard",
+        shared_triplet: str = "cross",
     ) -> None:
         super().__init__()
         unknown = set(weights) - set(TERMS)
@@ -54,9 +60,10 @@ class CmSSFTCriterion(nn.Module):
             raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {TERMS}")
         self.weights = {name: float(weights.get(name, 0.0)) for name in TERMS}
         self.identity = IdentityLoss(label_smoothing)
-        self.triplet_cross = TripletLoss(margin, hard_negatives, "cross")
-        self.triplet_single = TripletLoss(margin, hard_negatives, "single")
-        self.triplet_fused = TripletLoss(margin, hard_negatives, fused_triplet, normalize=normalize_fused)
+        options = {"margin": margin, "hard_negatives": hard_negatives}
+        self.triplet_shared = build_triplet(triplet, shared_triplet, **options)
+        self.triplet_specific = build_triplet(triplet, "single", **options)
+        self.triplet_fused = build_triplet(triplet, fused_triplet, **options, normalize=normalize_fused)
         self.modality = ModalityLoss()
         self.project = ProjectionLoss()
         self.reconstruction = ReconstructionLoss()
@@ -67,9 +74,9 @@ class CmSSFTCriterion(nn.Module):
         """Term name -> (output keys it reads, function of those tensors)."""
         return {
             "id_shared": (("shared_logits",), lambda x: self.identity(x, labels)),
-            "triplet_shared": (("shared_feat",), lambda x: self.triplet_cross(x, labels, modality)),
+            "triplet_shared": (("shared_feat",), lambda x: self.triplet_shared(x, labels, modality)),
             "id_specific": (("specific_logits",), lambda x: self.identity(x, labels)),
-            "triplet_specific": (("specific_feat",), lambda x: self.triplet_single(x, labels, modality)),
+            "triplet_specific": (("specific_feat",), lambda x: self.triplet_specific(x, labels, modality)),
             "id_fused": (("fused_logits",), lambda x: self.identity(x, labels)),
             "triplet_fused": (("fused_feat",), lambda x: self.triplet_fused(x, labels, modality)),
             "modality": (("modality_logits",), lambda x: self.modality(x, modality)),
