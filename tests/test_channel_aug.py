@@ -270,28 +270,40 @@ def test_a_short_training_with_every_caj_option_on(tmp_path, sysu_root, monkeypa
 
 @pytest.mark.parametrize("name", ["caj_sysu.yaml", "ablation/caj.yaml", "ablation/caj_triplet.yaml"])
 def test_the_caj_configs_hold_the_public_recipe(name):
-    """Everything but the model section (the AGW model's keys live with that model) validates here."""
-    from cmssft.config import _read_with_base, config_from_dict
-
     from .conftest import REPO_ROOT
 
-    raw = _read_with_base(REPO_ROOT / "configs" / name)
-    model = raw.pop("model")
-    assert (model["name"], model["pooling"], model["gem_p"], model["gem_learn_p"]) == ("agw", "gem", 3.0, False)
-    assert model["shared_from"] == "layer1" and model["non_local"][0] == model["non_local"][3] == 0
-    cfg = config_from_dict(raw)
-    data, loss = cfg.data, cfg.loss
+    cfg = load_config(REPO_ROOT / "configs" / name)
+    model, data, loss = cfg.model, cfg.data, cfg.loss
+    assert (model.name, model.pooling, model.gem_p, model.gem_learn_p) == ("agw", "gem", 3.0, False)
+    assert model.non_local[0] == model.non_local[3] == 0
     assert (data.channel_exchange_rgb, data.channel_exchange_rgb_form) == (1.0, "exchange")
     assert (data.channel_exchange_ir, data.channel_exchange_ir_form) == (1.0, "adap_gray")
     assert (data.channel_erasing, data.channel_aug_joint, data.random_erasing, data.channel_aug) == (0.5, True, 0, 0)
     assert (loss.label_smoothing, loss.shared_triplet) == (0.0, "all")
     assert loss.triplet == ("hard" if name.endswith("triplet.yaml") else "wrt")
     if name == "caj_sysu.yaml":
-        assert model["non_local"] == [0, 2, 3, 0] and model["backbone"] == "resnet50"
+        assert model.non_local == [0, 2, 3, 0] and model.backbone == "resnet50"
         assert (data.height, data.width, data.ids_per_batch, data.images_per_id, data.pad) == (288, 144, 8, 4, 10)
         train = cfg.train
         assert (train.optimizer, train.lr, train.backbone_lr_mult, train.weight_decay) == ("sgd", 0.1, 0.1, 5e-4)
         assert (train.epochs, train.warmup_epochs, train.milestones, train.gamma) == (100, 10, [20, 50], 0.1)
-    else:  # a demo-scale ablation row: the demo's data and optimiser
+    else:  # a demo-scale ablation row: the demo's data and optimiser, AGW's non-local places on ResNet-18
         demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
         assert cfg.train == demo.train and (data.height, data.width, data.root) == (64, 32, demo.data.root)
+        assert model.non_local == [0, 1, 1, 0]
+
+
+@pytest.mark.parametrize("name", ["caj_sysu.yaml", "ablation/caj.yaml"])
+def test_the_caj_configs_train_and_evaluate_with_tiny_overrides(name, tmp_path, sysu_root):
+    """The recipe at demo size (documented in docs/USAGE.md) and the ablation row, two steps each."""
+    from cmssft.engine.entry import train_main
+
+    from .conftest import REPO_ROOT, TINY_DATA
+
+    run_dir = tmp_path / "run"
+    assert train_main(["--config", str(REPO_ROOT / "configs" / name), "--run-dir", str(run_dir),
+                       f"data.root={sysu_root}", *TINY_DATA, "model.non_local=[0,1,1,0]", "train.epochs=1",
+                       "train.iters_per_epoch=2", "train.warmup_epochs=0", "train.eval_every=0", "train.amp=off",
+                       "eval.trials=1", "eval.batch_size=32"]) == 0
+    log = (run_dir / "log.txt").read_text()
+    assert "test, cosine of AGW's FC features" in log and "+- std" in log
