@@ -43,7 +43,7 @@ from torch import nn
 
 from cmssft.errors import UserError
 from cmssft.evaluation.metrics import DistanceBlocks, cosine_distance_blocks
-from cmssft.models.extractor import TwoStreamExtractor
+from cmssft.models.extractor import TwoStreamExtractor, backbone_and_heads
 from cmssft.models.heads import ModalityDiscriminator
 from cmssft.models.neck import BNNeck, make_pool
 from cmssft.models.routing import group_by_modality, per_modality
@@ -251,13 +251,7 @@ class CmSSFT(nn.Module):
     def param_groups(self, base_lr: float, backbone_lr_mult: float = 1.0) -> list[dict]:
         """Optimizer groups: ``backbone`` (ResNet stages) at ``base_lr * backbone_lr_mult``, ``heads``
         (everything else) at ``base_lr``; frozen parameters are left out."""
-        backbone = [p for p in self.extractor.parameters() if p.requires_grad]
-        ids = {id(p) for p in self.extractor.parameters()}
-        heads = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        return [
-            {"name": "backbone", "params": backbone, "lr": base_lr * backbone_lr_mult},
-            {"name": "heads", "params": heads, "lr": base_lr},
-        ]
+        return backbone_and_heads(self, self.extractor, base_lr, backbone_lr_mult)
 
 
 class BankScorer(nn.Module):

@@ -90,3 +90,15 @@ class TwoStreamExtractor(nn.Module):
             if i == self.fork:
                 fork = x
         return x, None if fork is None else self.specific[modality](fork)
+
+
+def backbone_and_heads(model: nn.Module, extractor: nn.Module, base_lr: float, backbone_lr_mult: float) -> list[dict]:
+    """Optimizer groups of a model built on an extractor: ``backbone`` (the extractor's parameters) at
+    ``base_lr * backbone_lr_mult``, ``heads`` (every other parameter) at ``base_lr``; frozen ones left out."""
+    backbone = [p for p in extractor.parameters() if p.requires_grad]
+    ids = {id(p) for p in extractor.parameters()}
+    heads = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return [
+        {"name": "backbone", "params": backbone, "lr": base_lr * backbone_lr_mult},
+        {"name": "heads", "params": heads, "lr": base_lr},
+    ]
