@@ -91,6 +91,7 @@ T_RESUME = "tests/test_training.py::test_resume_continues_to_the_same_weights"
 T_SELECT = "tests/test_training.py::test_the_validation_split_and_never_the_test_split_selects_best_pth"
 T_FINISHED = "tests/test_training.py::test_resume_of_a_finished_run_from_its_own_config_says_so"
 T_RERANK = "tests/test_eval_cli.py::test_noisy_features_and_flags"
+T_EVAL_CHECKPOINT = "tests/test_eval_checkpoint.py"
 T_PICTURE = "tests/test_eval_cli.py::test_ranked_list_picture"
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -601,6 +602,70 @@ MUTANTS: tuple[Mutant, ...] = (
         "bank = {k: mirrored[k] if v.is_floating_point() else v for k, v in bank.items()}",
         (T_TRANSFORMS,),
         "test-time flip uses the mirror alone instead of averaging it with the image",
+    ),
+    # ------------------------------------------------------------------ a real run's numbers are the right numbers
+    Mutant(
+        "regdb-trial-from-the-config", CLI,
+        "    return [trained]\n",
+        "    return [cfg.data.trial]\n",
+        (T_EVAL_CHECKPOINT,),
+        "eval.py scores a RegDB checkpoint on the config's trial, not the one it was trained on",
+    ),
+    Mutant(
+        "regdb-template-one-trial", CLI,
+        "return [explicit] if explicit else list(range(1, (count or REGDB_TRIALS) + 1))",
+        "return [explicit] if explicit else list(range(1, (count or cfg.eval.trials) + 1))",
+        (T_EVAL_CHECKPOINT,),
+        "a RegDB {trial} template scores eval.trials of the config (configs/regdb.yaml once said 1), not all ten",
+    ),
+    Mutant(
+        "regdb-template-file-unchecked", CLI,
+        "        if trained is not None and trained != trial:",
+        "        if False:",
+        (T_EVAL_CHECKPOINT,),
+        "a {trial} file holding another trial's model is scored on this trial's split",
+    ),
+    Mutant(
+        "test-time-override-ignored", INFERENCE,
+        'trained_cfg = test_time_config(state["config"], overrides, source)',
+        'trained_cfg = test_time_config(state["config"], (), source)',
+        (T_EVAL_CHECKPOINT,),
+        "eval.py model.sstn.topk=N prints the checkpoint's own table, silently",
+    ),
+    Mutant(
+        "training-override-accepted", "cmssft/config.py",
+        "if key not in TEST_TIME_MODEL_KEYS and get_dotted(cfg, key) != get_dotted(base, key):",
+        "if False:",
+        (T_EVAL_CHECKPOINT,),
+        "eval.py accepts an override the trained weights cannot take (or that only acts in training)",
+    ),
+    Mutant(
+        "rerank-mixes-graphs", EVALUATOR,
+        "q_q, g_g = q_g.within()",
+        "q_q, g_g = self.score_fn(q_bank, q_bank), self.score_fn(g_bank, g_bank)",
+        (T_EVAL_CHECKPOINT,),
+        "re-ranking a transductive SSTN takes query-query and gallery-gallery distances from one-modality graphs",
+    ),
+    Mutant(
+        "repeated-feature-paths-accepted", "cmssft/evaluation/features_io.py",
+        "    _refuse_repeated_paths(path, names)\n",
+        "",
+        ("tests/test_bad_data.py::test_features_file_problems_are_named",),
+        "a features file naming an image twice is read (which row counts is undefined)",
+    ),
+    Mutant(
+        "ddp-broadcasts-memory", "cmssft/engine/build.py",
+        "broadcast_buffers=False,",
+        "broadcast_buffers=True,",
+        ("tests/test_distributed.py::test_each_process_keeps_its_own_candidate_memory",),
+        "under DDP every forward overwrites each process's candidate memory with rank 0's",
+    ),
+    Mutant(
+        "signal-all-reduce-every-step", TRAINER,
+        "return not self.dist.enabled or self.state.step % self.cfg.train.log_every == 0",
+        "return True",
+        ("tests/test_step_sync.py::test_a_launch_looks_for_stop_signals_only_at_log_steps",),
+        "under torchrun the stop-signal all-reduce reads back to the host after every step",
     ),
     # ------------------------------------------------------------------ weighted regularised triplet (loss.triplet=wrt)
     Mutant(
