@@ -20,10 +20,10 @@ from cmssft.errors import UserError, run_cli
 from cmssft.evaluation.cli import main as eval_main
 from cmssft.evaluation.evaluator import Evaluator
 from cmssft.evaluation.features_io import save_features
-from cmssft.evaluation.metrics import full_distances
 from cmssft.evaluation.report import COMPARABLE
 from cmssft.evaluation.rerank import k_reciprocal_rerank
 from cmssft.models import build_bank_scorer
+from cmssft.scoring import full_distances
 
 from .conftest import REPO_ROOT, TINY_CHECKPOINT_RUN
 

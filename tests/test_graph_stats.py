@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmssft.evaluation.graph_stats import KeptEdges, edge_statistics, trial_graph_statistics
-from cmssft.evaluation.metrics import DistanceBlocks
+from cmssft.evaluation.graph_stats import edge_statistics, trial_graph_statistics
 from cmssft.evaluation.report import format_table, summarize
+from cmssft.scoring import DistanceBlocks, KeptEdges
 
 # Nodes 0, 1: IR queries of identities 0, 1; nodes 2, 3, 4: RGB gallery of identities 0, 1, 0.
 MODALITY = torch.tensor([1, 1, 0, 0, 0])

@@ -20,8 +20,9 @@ from cmssft.engine.inference import extract_features, model_from_checkpoint, sco
 from cmssft.errors import run_cli
 from cmssft.evaluation.evaluator import Evaluator
 from cmssft.evaluation.features_io import read_feature_file
-from cmssft.evaluation.metrics import DistanceBlocks, ranked_top_k
+from cmssft.evaluation.metrics import ranked_top_k
 from cmssft.evaluation.protocols import Protocol, Trial
+from cmssft.scoring import DistanceBlocks
 from cmssft.search import folder_modality, main
 
 from .conftest import REPO_ROOT, TINY_CHECKPOINT_RUN

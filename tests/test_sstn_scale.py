@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from cmssft.evaluation.evaluator import Evaluator, cosine_blocks, cosine_distance
-from cmssft.evaluation.metrics import DistanceBlocks, evaluate_ranking
+from cmssft.evaluation.metrics import evaluate_ranking
 from cmssft.models.affinity_graph import top_k
 from cmssft.models.sstn_reference import dense_distance
+from cmssft.scoring import DistanceBlocks
 
 from .conftest import REPO_ROOT
 from .test_sstn import DIM, make_sstn

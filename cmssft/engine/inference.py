@@ -35,7 +35,7 @@ from cmssft.data.loader import build_test_loader
 from cmssft.data.records import Sample
 from cmssft.engine.checkpoint import load_checkpoint, load_model_state
 from cmssft.errors import UserError
-from cmssft.evaluation.metrics import DistanceBlocks
+from cmssft.scoring import DistanceBlocks
 from cmssft.utils.runtime import resolve_device
 
 LOG = logging.getLogger("cmssft")

@@ -8,14 +8,14 @@ The evaluator knows nothing about models. It takes
   model's test-time graph step can use several features;
 - an optional **score function** ``score_fn(query_bank, gallery_bank) -> (Q, G)``
   distances (smaller = more similar): either a tensor, or a
-  :class:`~cmssft.evaluation.metrics.DistanceBlocks` that computes query blocks
+  :class:`~cmssft.scoring.DistanceBlocks` that computes query blocks
   ``[rows, G]`` on demand. It receives the bank sliced to the trial's query rows and
   gallery rows (same type as the bank: tensor or dict), so a transductive model can
   build its graph from exactly that trial's query and gallery. Default: :func:`cosine_blocks`
   on a plain tensor.
 
 Re-ranking (k-reciprocal) needs query-query and gallery-gallery distances in the same space as the
-query-gallery ones. A :class:`~cmssft.evaluation.metrics.DistanceBlocks` result gives them itself
+query-gallery ones. A :class:`~cmssft.scoring.DistanceBlocks` result gives them itself
 (``within``): the transductive SSTN from its one graph over query + gallery, so all three come from
 the same descriptors. A result without ``within`` (the single-query SSTN, where each query has a
 graph of its own and two queries share none) cannot be re-ranked: a one-line ``UserError``. A plain
@@ -40,17 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cmssft.errors import UserError
-from cmssft.evaluation.graph_stats import KeptEdges, trial_graph_statistics
-from cmssft.evaluation.metrics import (
-    MAX_RANK,
-    DistanceBlocks,
-    RankingMetrics,
-    cosine_distance_blocks,
-    evaluate_ranking,
-    full_distances,
-)
+from cmssft.evaluation.graph_stats import trial_graph_statistics
+from cmssft.evaluation.metrics import MAX_RANK, RankingMetrics, evaluate_ranking
 from cmssft.evaluation.protocols import Protocol, Trial
 from cmssft.evaluation.rerank import k_reciprocal_rerank
+from cmssft.scoring import DistanceBlocks, KeptEdges, cosine_distance_blocks, full_distances
 
 Bank = Tensor | Mapping[str, Tensor]
 ScoreFn = Callable[[Bank, Bank], Tensor | DistanceBlocks]

@@ -4,28 +4,18 @@ The transfer only helps when a node's kept neighbours include the other modality
 is filled from there) and those neighbours are mostly the right identity. These statistics say
 whether that holds, in training batches and in test graphs alike.
 
-Shapes (N rows, k kept edges per row, M nodes)::
+Shapes (N rows, k kept edges per row, M nodes; :class:`~cmssft.scoring.KeptEdges` holds the edges)::
 
-    KeptEdges.index   long  [N, k]  node id of each kept neighbour (in 0..M-1)
-    KeptEdges.weight  float [N, k]  its weight (a row sums to 1, or 0 when it kept nothing)
-    KeptEdges.valid   bool  [N, k]  False for padding (a block with fewer candidates than its k)
+    KeptEdges         [N, k] each   index (in 0..M-1), weight, valid
     rows              long  [N]     node id of each row (default 0..N-1)
     modality, labels  long  [M]     per node
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-
-class KeptEdges(NamedTuple):
-    """The kept edges of a graph's rows; see the module docstring for shapes."""
-
-    index: torch.Tensor
-    weight: torch.Tensor
-    valid: torch.Tensor
+from cmssft.scoring import KeptEdges
 
 
 def edge_statistics(

@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from cmssft.evaluation.graph_stats import KeptEdges, edge_statistics
+from cmssft.evaluation.graph_stats import edge_statistics
+from cmssft.scoring import KeptEdges
 
 EPS = 1e-6
 NEG_INF = float("-inf")

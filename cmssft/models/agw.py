@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmssft.errors import UserError
-from cmssft.evaluation.metrics import DistanceBlocks, cosine_distance_blocks
 from cmssft.models.extractor import TwoStreamExtractor, backbone_and_heads
 from cmssft.models.neck import BNNeck
 from cmssft.models.routing import group_by_modality
 from cmssft.models.sstn import MODES
+from cmssft.scoring import DistanceBlocks, cosine_distance_blocks
 
 Bank = dict[str, torch.Tensor]
 # model.agw.test_feature -> the bank entry that holds it

@@ -27,7 +27,7 @@ Test time: ``extract`` gives a bank ``{"shared": [N, C], "specific": [N, C], "mo
 of BN-neck features (``specific`` only with a specific branch); ``extract_modality`` the same for a
 batch of one modality without the data-dependent grouping (what an exported graph runs);
 ``score_blocks`` turns a query bank and a gallery bank into distances ``[Q, G]`` (smaller = more
-similar) handed out in query blocks ``[rows, G]`` (:class:`~cmssft.evaluation.metrics.DistanceBlocks`);
+similar) handed out in query blocks ``[rows, G]`` (:class:`~cmssft.scoring.DistanceBlocks`);
 ``score`` is its full matrix. :class:`BankScorer` is that scoring without the extractor: the SSTN
 and its settings alone, which is all a features file needs next to the bank.
 """
@@ -42,12 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmssft.errors import UserError
-from cmssft.evaluation.metrics import DistanceBlocks, cosine_distance_blocks
 from cmssft.models.extractor import TwoStreamExtractor, backbone_and_heads
 from cmssft.models.heads import ModalityDiscriminator
 from cmssft.models.neck import BNNeck, make_pool
 from cmssft.models.routing import group_by_modality, per_modality
 from cmssft.models.sstn import MODES, SSTN
+from cmssft.scoring import DistanceBlocks, cosine_distance_blocks
 
 Bank = dict[str, torch.Tensor]
 # Rows [B, ...] of this process -> (rows of every process in rank order [W*B, ...], start of this process's

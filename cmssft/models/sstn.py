@@ -26,7 +26,7 @@ the non-empty blocks).
 Test time: :meth:`SSTN.distance_blocks` (or :meth:`SSTN.distance` for the full matrix) in
 ``transductive`` or ``single_query`` mode. The graph is built ``chunk`` rows at a time against all
 nodes, so memory grows with N k + N D + chunk N, never N^2; distances come out in query blocks
-``[rows, G]`` (:class:`~cmssft.evaluation.metrics.DistanceBlocks`), which also carry the kept test
+``[rows, G]`` (:class:`~cmssft.scoring.DistanceBlocks`), which also carry the kept test
 edges for :mod:`cmssft.evaluation.graph_stats`. The graph's building blocks (nodes, top-k, weights,
 propagation) live in :mod:`cmssft.models.affinity_graph`, the exact one-pass single-query scoring in
 :mod:`cmssft.models.sstn_single_query`, and the dense ``N x N`` reference used to check all of this in
@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmssft.errors import UserError
-from cmssft.evaluation.metrics import DistanceBlocks, cosine_distance_blocks
 from cmssft.models.affinity_graph import (
     NEG_INF,
     Graph,
@@ -61,6 +60,7 @@ from cmssft.models.affinity_graph import (
 from cmssft.models.candidate_memory import CandidateMemory
 from cmssft.models.neck import BNNeck
 from cmssft.models.sstn_single_query import single_query_distance
+from cmssft.scoring import DistanceBlocks, cosine_distance_blocks
 
 MODES = ("transductive", "single_query", "off")
 

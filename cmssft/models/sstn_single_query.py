@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from cmssft.evaluation.graph_stats import KeptEdges
-from cmssft.evaluation.metrics import DistanceBlocks
 from cmssft.models.affinity_graph import EPS, NEG_INF, Block, Graph, Nodes, edge_weights, propagate, slice_nodes
+from cmssft.scoring import DistanceBlocks, KeptEdges
 
 if TYPE_CHECKING:
     from cmssft.models.sstn import SSTN
