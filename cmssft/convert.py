@@ -77,7 +77,8 @@ def public_agw_config() -> Config:
 
 def numpy_globals() -> list[Any]:
     """What unpickling the public checkpoint's NumPy metrics needs, and nothing more: arrays, dtypes and
-    scalars, under the module names of NumPy 1.x (``numpy.core``) and 2.x (``numpy._core``)."""
+    scalars, under the module names of NumPy 1.x (``numpy.core``) and 2.x (``numpy._core``): a file written
+    with NumPy 1 names the first, which NumPy 2 keeps only as an alias (``(function, name)`` pairs: torch >= 2.6)."""
     try:
         from numpy._core import multiarray  # NumPy 2
     except ImportError:  # NumPy 1
@@ -93,9 +94,6 @@ def load_foreign(path: Path) -> Any:
     """``torch.load(path, weights_only=True)`` with :func:`numpy_globals`; every failure is one line."""
     if not path.is_file():
         raise UserError(f"{path} does not exist")
-    if not hasattr(torch.serialization, "safe_globals"):
-        raise UserError(f"reading {path} needs torch >= 2.6 (torch.serialization.safe_globals), "
-                        f"not {torch.__version__}")
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(numpy_globals()):
             warnings.simplefilter("ignore", UserWarning)
