@@ -6,8 +6,8 @@ import dataclasses
 
 from cmssft.config import Config
 from cmssft.losses.criterion import TERMS, CmSSFTCriterion
-from cmssft.losses.heads import ModalityLoss, ProjectionLoss, ReconstructionLoss
 from cmssft.losses.identity import IdentityLoss
+from cmssft.losses.regularisers import ModalityLoss, ProjectionLoss, ReconstructionLoss
 from cmssft.losses.triplet import TripletLoss, WeightedRegularizedTriplet, build_triplet, pairwise_distance
 
 __all__ = [

@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from cmssft.losses.heads import ModalityLoss, ProjectionLoss, ReconstructionLoss
 from cmssft.losses.identity import IdentityLoss
+from cmssft.losses.regularisers import ModalityLoss, ProjectionLoss, ReconstructionLoss
 from cmssft.losses.triplet import build_triplet
 
 TERMS = (
