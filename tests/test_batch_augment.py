@@ -281,13 +281,17 @@ def test_channel_choices_have_the_cpu_distribution():
     assert categorical_p(cpu, dev) > P_MIN
 
 
-def test_erasing_rate_boxes_and_areas_have_the_cpu_distribution():
-    settings = {**OFF, "random_erasing": 0.5}
-    cpu = erased_boxes(cpu_draws(settings, textured(8), Modality.RGB, N))
-    dev = erased_boxes(device_draws(settings, textured(8), Modality.RGB, N))
+@pytest.mark.parametrize("key, boxes, max_area", [("random_erasing", "erased_boxes", 0.36),  # ERASE_AREA
+                                                ("channel_erasing", "caj_boxes", 0.45)])  # CAJ_ERASE_AREA
+def test_erasing_rate_boxes_and_areas_have_the_cpu_distribution(key, boxes, max_area):
+    """data.random_erasing and CAJ's channel erasing: rate, boxes and areas (up to rounding of the sides)."""
+    decode = globals()[boxes]
+    settings = {**OFF, key: 0.5}
+    cpu = decode(cpu_draws(settings, textured(8), Modality.RGB, N))
+    dev = decode(device_draws(settings, textured(8), Modality.RGB, N))
     assert erasing_mismatches(cpu, dev) == []
     areas = dev[dev[:, 0] >= 0, 2] * dev[dev[:, 0] >= 0, 3] / (H * W)
-    assert 0.015 < areas.min() and areas.max() < 0.36  # ERASE_AREA, up to rounding of the sides
+    assert 0.015 < areas.min() and areas.max() < max_area
 
 
 @pytest.mark.parametrize("modality", [Modality.RGB, Modality.IR])
@@ -437,15 +441,6 @@ def test_caj_exchange_choices_have_the_cpu_distribution(modality, settings):
     cpu = caj_choices(cpu_draws(settings, image, modality, 1500), image, modality)
     dev = caj_choices(device_draws(settings, image, modality, 1500), image, modality)
     assert set(cpu) == set(dev) and categorical_p(cpu, dev) > P_MIN
-
-
-def test_caj_erasing_rate_boxes_and_areas_have_the_cpu_distribution():
-    settings = {**OFF, "channel_erasing": 0.5}
-    cpu = caj_boxes(cpu_draws(settings, textured(8), Modality.RGB, N))
-    dev = caj_boxes(device_draws(settings, textured(8), Modality.RGB, N))
-    assert erasing_mismatches(cpu, dev) == []
-    areas = dev[dev[:, 0] >= 0, 2] * dev[dev[:, 0] >= 0, 3] / (H * W)
-    assert 0.015 < areas.min() and areas.max() < 0.45  # CAJ_ERASE_AREA, up to rounding of the sides
 
 
 @pytest.mark.parametrize("modality", [Modality.RGB, Modality.IR])
